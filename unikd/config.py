@@ -1,0 +1,442 @@
+"""Run configuration: typed dataclasses, YAML files, ``key=value`` overrides, and up-front validation.
+
+    cfg = load_config("configs/fmnist_uskd.yaml", ["train.epochs=2", "optim.lr=0.05"])
+    print(dump_config(cfg))
+
+A config has the sections ``data``, ``model``, ``method``, ``optim``, ``schedule``, ``train`` and the key
+``output_dir``. Everything is checked before any work starts, and every error is a one-line ``ConfigError`` that
+starts with the key path, e.g. ``train.epoch: unknown key (did you mean 'train.epochs'?)``. The ``method`` section is
+flat in YAML (``{name: uskd, alpha: 0.1}``) and held as ``MethodConfig(name, params)``; its keys are checked against
+``unikd.methods.method_defaults(name)`` and the resolved ``params`` hold every hyper-parameter of the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import os
+import types
+import typing
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unikd._errors import ConfigError
+
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder", "fake")
+MODEL_PREFIXES = ("cifar/", "timm/", "tv/")
+# Set from the dataset by the trainer; giving them in *_kwargs could only disagree with it.
+_DERIVED_MODEL_KWARGS = ("num_classes", "in_chans")
+
+__all__ = [
+    "DATASETS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "check_teacher_num_classes",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "save_config",
+]
+
+
+def _option(
+    default: Any, *, choices: Iterable[str] | None = None, minimum: float | None = None, positive: bool = False
+) -> Any:
+    """A dataclass field whose value must be one of ``choices``, ``>= minimum``, or ``> 0`` (``positive``)."""
+    metadata = {"choices": choices and tuple(choices), "minimum": minimum, "positive": positive}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class DataConfig:
+    name: str = _option("fashion_mnist", choices=DATASETS)
+    root: str | None = None  # None: the dataset's default root, see unikd.data.dataset_root
+    download: bool = False
+    num_classes: int | None = _option(None, minimum=2)  # None: from the dataset; a mismatch with it is an error
+    img_size: int | None = _option(None, minimum=1)  # None: 32 cifar/fake, 28 mnist-like, 224 imagefolder
+    augment: str = _option("default", choices=("default", "randaugment", "none"))
+    mixup: float = _option(0.0, minimum=0)  # MixUp alpha, 0 = off
+    cutmix: float = _option(0.0, minimum=0)  # CutMix alpha, 0 = off
+    train_subset: int | None = _option(None, minimum=1)  # a fixed random subset of k images (quick runs, demo)
+    val_subset: int | None = _option(None, minimum=1)
+    num_workers: int = _option(2, minimum=0)
+    pin_memory: bool = True  # only effective with CUDA
+
+
+@dataclass
+class ModelConfig:
+    student: str = "cifar/smallcnn"
+    student_kwargs: dict = field(default_factory=dict)  # to create_model; num_classes/in_chans come from the data
+    teacher: str | None = None
+    teacher_kwargs: dict = field(default_factory=dict)
+    teacher_checkpoint: str | None = None
+    feature_layer: str | int = "mid"  # the intermediate feature USKD's weak head reads
+
+
+@dataclass
+class MethodConfig:
+    name: str = "baseline"
+    params: dict = field(default_factory=dict)  # the method's hyper-parameters, every one resolved
+
+
+@dataclass
+class OptimConfig:
+    name: str = _option("sgd", choices=("sgd", "adamw"))
+    lr: float = _option(0.1, positive=True)
+    momentum: float = _option(0.9, minimum=0)
+    nesterov: bool = False
+    weight_decay: float = _option(5e-4, minimum=0)
+    no_decay_norm_bias: bool = True  # no weight decay on norm/bias/1-d params, position embeddings, cls token
+    clip_grad_norm: float | None = _option(None, positive=True)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = _option("cosine", choices=("cosine", "multistep", "step", "constant"))
+    warmup_epochs: float = _option(0.0, minimum=0)
+    warmup_lr_ratio: float = _option(0.1, minimum=0)  # warm-up starts at lr * warmup_lr_ratio
+    milestones: list[int] = field(default_factory=list, metadata={"minimum": 1})  # multistep, in epochs
+    step_size: int = _option(30, minimum=1)  # step, in epochs
+    gamma: float = _option(0.1, positive=True)
+    min_lr: float = _option(0.0, minimum=0)  # cosine floor
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _option(10, minimum=1)
+    batch_size: int = _option(128, minimum=1)  # global batch, split across DDP ranks
+    eval_batch_size: int = _option(256, minimum=1)
+    amp: str = _option("none", choices=("none", "bf16", "fp16"))
+    compile: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    device: str = _option("auto", choices=("auto", "cpu", "cuda"))
+    max_steps_per_epoch: int | None = _option(None, minimum=1)  # cap for quick runs and tests
+    log_every: int = _option(50, minimum=1)  # steps
+    eval_every: int = _option(1, minimum=1)  # epochs
+    tensorboard: bool = True
+    progress: bool = True  # progress bars (off in tests and CI)
+    nan_check: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/exp"
+
+
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), *, check_files: bool = True) -> Config:
+    """Read a YAML config (``None``: the defaults), apply ``key=value`` overrides, validate, return a ``Config``.
+
+    ``check_files`` also checks that ``model.teacher_checkpoint`` exists (off to re-read a saved config whose files
+    may have moved, e.g. to evaluate a checkpoint). Raises ``ConfigError`` with a one-line message.
+    """
+    raw: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: invalid YAML{_yaml_error_location(error)}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...), got {_describe(raw)}")
+    return config_from_dict(raw, overrides, check_files=check_files)
+
+
+def config_from_dict(raw: dict, overrides: Iterable[str] = (), *, check_files: bool = True) -> Config:
+    """Build a validated ``Config`` from a plain dict (a parsed YAML file, or ``ckpt["config"]``) plus overrides."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping of sections (data, model, ...), got {_describe(raw)}")
+    raw = _deepcopy_plain(raw)
+    for override in overrides:
+        _apply_override(raw, override)
+    cfg = Config(**_convert_fields(Config, raw, path="", skip=("method",)))
+    method = raw.get("method", {})
+    if method is None:
+        method = {}
+    if not isinstance(method, dict):
+        raise ConfigError(f"method: expected a mapping, got {_describe(method)}")
+    cfg.method = _method_config(method)
+    _check_model(cfg, check_files=check_files)
+    _check_schedule(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The plain-dict form of ``cfg`` (the YAML form: the ``method`` section flat); ``config_from_dict`` inverts it."""
+    raw = dataclasses.asdict(cfg)
+    method = raw.pop("method")
+    raw["method"] = {"name": method["name"], **method["params"]}
+    return {key: raw[key] for key in (f.name for f in dataclasses.fields(Config))}
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML to ``path`` (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(cfg))
+
+
+def check_teacher_num_classes(model_cfg: ModelConfig, num_classes: int) -> None:
+    """Raise ``ConfigError`` when ``model.teacher_checkpoint`` was trained for another number of classes.
+
+    Reads the ``num_classes`` a unikd training checkpoint records; plain state_dict and safetensors files do not
+    record it (``load_teacher`` then reports a shape mismatch). The trainer calls this once the dataset is built.
+    """
+    if model_cfg.teacher_checkpoint is None or not str(model_cfg.teacher_checkpoint).endswith((".pt", ".pth")):
+        return
+    import torch  # only here: importing torch takes seconds, and config validation should not
+
+    try:
+        checkpoint = torch.load(model_cfg.teacher_checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not ours to diagnose: load_teacher reports unreadable files with their own message
+        return
+    teacher_classes = checkpoint.get("num_classes") if isinstance(checkpoint, dict) else None
+    if isinstance(teacher_classes, int) and teacher_classes != num_classes:
+        raise ConfigError(
+            f"model.teacher_checkpoint: the teacher in {model_cfg.teacher_checkpoint} predicts {teacher_classes} "
+            f"classes but the dataset has {num_classes}"
+        )
+
+
+# ---- validation -------------------------------------------------------------------------------------------------
+
+
+def _convert_fields(cls: type, raw: Any, path: str, skip: tuple[str, ...] = ()) -> dict:
+    """Check ``raw`` (a mapping for dataclass ``cls`` at ``path``) and return the converted constructor kwargs."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {_describe(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        key_path = _join(path, key)
+        if key not in fields:
+            raise ConfigError(_unknown_key(key_path, str(key), list(fields), path))
+        if key in skip:
+            continue
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = hints[key](**_convert_fields(hints[key], value, key_path))
+        else:
+            kwargs[key] = _check_value(_convert(value, hints[key], key_path), fields[key].metadata, key_path)
+    return kwargs
+
+
+def _convert(value: Any, hint: Any, path: str) -> Any:
+    """Return ``value`` as type ``hint`` (int, float, bool, str, dict, list[int], unions with None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (arg for arg in args if arg is not type(None)):
+            try:
+                return _convert(value, arg, path)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            return [_convert(item, args[0], f"{path}[{index}]") for index, item in enumerate(value)]
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads exponents without a dot, e.g. 5e-4, as strings
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is dict:
+        if isinstance(value, dict):
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise ConfigError(f"{path}: expected {_type_name(hint)}, got {_describe(value)}")
+
+
+def _check_value(value: Any, metadata: typing.Mapping, path: str) -> Any:
+    choices, minimum, positive = metadata.get("choices"), metadata.get("minimum"), metadata.get("positive")
+    if choices and value not in choices:
+        raise ConfigError(_not_one_of(path, value, choices))
+    for item in value if isinstance(value, list) else [value]:
+        if minimum is not None and item is not None and item < minimum:
+            raise ConfigError(f"{path}: must be >= {minimum}, got {item!r}")
+        if positive and item is not None and item <= 0:
+            raise ConfigError(f"{path}: must be > 0, got {item!r}")
+    return value
+
+
+def _method_config(raw: dict) -> MethodConfig:
+    """Check the flat ``method`` section against the registry and return the name plus every resolved param."""
+    from unikd.methods import METHODS, method_defaults  # lazy: the registry imports torch and the losses
+
+    name = raw.get("name", MethodConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name: expected str, got {_describe(name)}")
+    if name not in METHODS:
+        raise ConfigError(_not_one_of("method.name", name, METHODS))
+    defaults = method_defaults(name)
+    params = dict(defaults)
+    for key, value in raw.items():
+        if key == "name":
+            continue
+        if key not in defaults:
+            message = _unknown_key(f"method.{key}", str(key), ["name", *defaults], "method")
+            raise ConfigError(message.replace("unknown key", f"unknown key for method '{name}'", 1))
+        default = defaults[key]
+        params[key] = value if default is None else _convert(value, type(default), f"method.{key}")
+    return MethodConfig(name=name, params=params)
+
+
+def _check_model(cfg: Config, *, check_files: bool) -> None:
+    from unikd.methods import METHODS
+
+    model = cfg.model
+    for key in ("student", "teacher"):
+        name = getattr(model, key)
+        if name is not None and not name.startswith(MODEL_PREFIXES):
+            raise ConfigError(
+                f"model.{key}: '{name}' must start with {', '.join(MODEL_PREFIXES)} (e.g. 'cifar/{name}')"
+            )
+    for key in ("student_kwargs", "teacher_kwargs"):
+        for derived in _DERIVED_MODEL_KWARGS:
+            if derived in getattr(model, key):
+                raise ConfigError(
+                    f"model.{key}.{derived}: set from the dataset, remove it (data.num_classes checks it)"
+                )
+    method = cfg.method.name
+    if METHODS[method].needs_teacher:
+        if model.teacher is None:
+            raise ConfigError(
+                f"model.teacher: method '{method}' needs a teacher "
+                "(e.g. model.teacher=cifar/resnet32x4 model.teacher_checkpoint=PATH)"
+            )
+        if model.teacher_checkpoint is None and not model.teacher_kwargs.get("pretrained"):
+            raise ConfigError(
+                f"model.teacher_checkpoint: method '{method}' needs the teacher's trained weights "
+                "(set model.teacher_checkpoint=PATH, or model.teacher_kwargs.pretrained=true for a timm model)"
+            )
+        if check_files and model.teacher_checkpoint is not None and not os.path.isfile(model.teacher_checkpoint):
+            raise ConfigError(f"model.teacher_checkpoint: file not found: {model.teacher_checkpoint}")
+    elif model.teacher is not None or model.teacher_checkpoint is not None:
+        warnings.warn(f"model.teacher: method '{method}' does not use a teacher; ignoring it", stacklevel=3)
+
+
+def _check_schedule(cfg: Config) -> None:
+    milestones = cfg.schedule.milestones
+    if any(later <= earlier for earlier, later in itertools.pairwise(milestones)):
+        raise ConfigError(f"schedule.milestones: must be increasing, got {milestones}")
+    if cfg.schedule.warmup_epochs > cfg.train.epochs:
+        raise ConfigError(
+            f"schedule.warmup_epochs: {cfg.schedule.warmup_epochs:g} is more than train.epochs ({cfg.train.epochs})"
+        )
+
+
+# ---- overrides --------------------------------------------------------------------------------------------------
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """Set ``raw[a][b] = value`` for ``a.b=value``; the value is parsed as YAML (``0.1``, ``[30,60]``, ``null``)."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{override}': expected key=value, e.g. train.epochs=5")
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{override}': empty name in key '{key}'")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{key}: cannot parse value '{text}'{_yaml_error_location(error)}") from None
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            parent = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{key}: cannot set a key inside {parent}, which is {_describe(child)}")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---- messages ---------------------------------------------------------------------------------------------------
+
+
+def _unknown_key(key_path: str, key: str, valid: list[str], parent: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        return f"{key_path}: unknown key (did you mean '{_join(parent, close[0])}'?)"
+    return f"{key_path}: unknown key (valid keys: {', '.join(sorted(valid))})"
+
+
+def _not_one_of(path: str, value: Any, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    message = f"{path}: {value!r} is not one of {', '.join(choices)}"
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    return f"{message} (did you mean '{close[0]}'?)" if close else message
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    return "a mapping" if hint is dict else hint.__name__
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _join(parent: str, key: Any) -> str:
+    return f"{parent}.{key}" if parent else str(key)
+
+
+def _yaml_error_location(error: yaml.YAMLError) -> str:
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}" if problem else where
+
+
+def _deepcopy_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _deepcopy_plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy_plain(item) for item in value]
+    return value

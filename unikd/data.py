@@ -1,0 +1,330 @@
+"""Datasets, their standard augmentations, and MixUp/CutMix, all through torchvision.
+
+    bundle = build_datasets(cfg.data)        # DataBundle(train, val, num_classes, class_names, in_chans, img_size)
+    collate = build_mix_collate(cfg.data, bundle.num_classes)   # None when MixUp and CutMix are off
+
+Datasets (``data.name``) and the files each expects under ``data.root``:
+
+- ``cifar10`` / ``cifar100``: the python pickles, ``cifar-10-batches-py/`` or ``cifar-100-python/{train,test,meta}``
+  (``data.download=true`` fetches them where a network exists). Train: RandomCrop 32 pad 4 + flip.
+- ``fashion_mnist`` / ``mnist``: the four idx files, gzipped or not, straight in ``data.root`` (the layout of the
+  Debian package ``dataset-fashion-mnist``, the default root). Train: RandomCrop 28 pad 2 + horizontal flip; the
+  flip is the usual choice for Fashion-MNIST (clothes are left-right symmetric), harmless for the MNIST digits test.
+- ``imagefolder``: the ImageNet layout ``train/<class>/*`` and ``val/<class>/*``. Train: RandomResizedCrop + flip,
+  or timm's ``create_transform`` with RandAugment for ``data.augment=randaugment`` (ViT recipes); eval: resize to
+  size/0.875 and center-crop.
+- ``fake``: torchvision's ``FakeData`` (random images, 3x32x32 unless ``data.img_size``), ``data.train_subset`` or
+  1000 training and ``data.val_subset`` or 200 validation images; for smoke tests and benchmarks.
+
+``data.augment=none`` turns training augmentation off; ``randaugment`` adds torchvision's RandAugment after
+crop + flip on the small-image datasets. Images are normalised with each dataset's mean and std. The trainer owns
+the loaders (workers, pinned memory, samplers).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.error import URLError
+
+import torch
+from torch.utils.data import Dataset, Subset, default_collate
+from torchvision import datasets
+from torchvision.datasets.mnist import read_image_file, read_label_file
+from torchvision.transforms import v2
+
+from unikd._errors import ConfigError
+from unikd.config import DataConfig
+
+__all__ = ["DataBundle", "MixCollate", "build_datasets", "build_mix_collate", "build_transform", "dataset_root"]
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where the Debian package dataset-fashion-mnist puts it
+SUBSET_SEED = 0  # subsets are the same for every run (and every train.seed), so runs compare on the same images
+FAKE_SIZES = (1000, 200)  # train, val images of data.name=fake unless data.train_subset / data.val_subset
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class _Stats(NamedTuple):
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    img_size: int  # native image size
+    crop_padding: int  # RandomCrop padding at the native size
+
+
+_STATS = {
+    "cifar10": _Stats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, 4),
+    "cifar100": _Stats((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, 4),
+    "fashion_mnist": _Stats((0.2860,), (0.3530,), 28, 2),
+    "mnist": _Stats((0.1307,), (0.3081,), 28, 2),
+    "imagefolder": _Stats(IMAGENET_MEAN, IMAGENET_STD, 224, 0),
+    "fake": _Stats((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 32, 4),
+}
+
+
+@dataclass
+class DataBundle:
+    """The training and validation sets of one dataset and what the models need to know about it.
+
+    Items are ``(image (in_chans, img_size, img_size) float tensor, class index int)``.
+    """
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    class_names: list[str]
+    in_chans: int
+    img_size: int
+
+
+def dataset_root(data_cfg: DataConfig) -> Path:
+    """``data.root``, or the dataset's default: the Debian package's folder for Fashion-MNIST, else ./data/<name>."""
+    if data_cfg.root is not None:
+        return Path(data_cfg.root).expanduser()
+    return Path(FASHION_MNIST_ROOT if data_cfg.name == "fashion_mnist" else f"data/{data_cfg.name}")
+
+
+def build_datasets(data_cfg: DataConfig) -> DataBundle:
+    """Load ``data.name`` from ``data.root`` with its train / eval transforms and the configured subsets.
+
+    Raises ``ConfigError`` naming ``data.root`` (missing files, and how to get them), ``data.download`` (a failed
+    download) or ``data.num_classes`` (it disagrees with the dataset).
+    """
+    root = dataset_root(data_cfg)
+    train_tf, val_tf = build_transform(data_cfg, train=True), build_transform(data_cfg, train=False)
+    if data_cfg.name == "fake":
+        train, val, class_names = _fake(data_cfg, train_tf, val_tf)
+    else:
+        train, val, class_names = _LOADERS[data_cfg.name](data_cfg, root, train_tf, val_tf)
+    if data_cfg.num_classes is not None and data_cfg.num_classes != len(class_names):
+        raise ConfigError(
+            f"data.num_classes: {data_cfg.num_classes} does not match the dataset "
+            f"({data_cfg.name} in {root} has {len(class_names)} classes)"
+        )
+    stats = _STATS[data_cfg.name]
+    return DataBundle(
+        train=_subset(train, data_cfg.train_subset),
+        val=_subset(val, data_cfg.val_subset),
+        num_classes=len(class_names),
+        class_names=list(class_names),
+        in_chans=len(stats.mean),
+        img_size=data_cfg.img_size or stats.img_size,
+    )
+
+
+def build_transform(data_cfg: DataConfig, *, train: bool) -> Callable:
+    """The training (augmenting) or evaluation transform of ``data.name``: PIL image -> normalised float tensor."""
+    stats = _STATS[data_cfg.name]
+    size = data_cfg.img_size or stats.img_size
+    augment = train and data_cfg.augment != "none"
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(stats.mean, stats.std)]
+    if data_cfg.name == "imagefolder":
+        if augment and data_cfg.augment == "randaugment":
+            from timm.data import create_transform
+
+            return create_transform(
+                size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
+                mean=stats.mean, std=stats.std,
+            )  # fmt: skip
+        if augment:
+            return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *to_tensor])
+        return v2.Compose([v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size), *to_tensor])
+    # Small-image datasets: resize only to run them at another size (e.g. a ViT on CIFAR); FakeData is made at size.
+    steps: list[Any] = []
+    if size != stats.img_size and data_cfg.name != "fake":
+        steps.append(v2.Resize(size, antialias=True))
+    if augment:
+        padding = round(stats.crop_padding * size / stats.img_size)
+        steps += [v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip()]
+        if data_cfg.augment == "randaugment":
+            steps.append(v2.RandAugment())
+    return v2.Compose([*steps, *to_tensor])
+
+
+class MixCollate:
+    """``default_collate`` then MixUp or CutMix on the batch: images (N, ...) and probability targets (N, C).
+
+    A class rather than a closure so that DataLoader workers can pickle it.
+    """
+
+    def __init__(self, mix: Callable) -> None:
+        self.mix = mix
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        images, target = default_collate(batch)
+        return self.mix(images, target)
+
+
+def build_mix_collate(data_cfg: DataConfig, num_classes: int) -> MixCollate | None:
+    """A collate function applying MixUp (``data.mixup`` alpha) and/or CutMix (``data.cutmix`` alpha), one of the two
+    chosen at random per batch when both are on; ``None`` when both are 0. Targets become (N, C) rows summing to 1.
+    """
+    mixes = []
+    if data_cfg.mixup > 0:
+        mixes.append(v2.MixUp(alpha=data_cfg.mixup, num_classes=num_classes))
+    if data_cfg.cutmix > 0:
+        mixes.append(v2.CutMix(alpha=data_cfg.cutmix, num_classes=num_classes))
+    if not mixes:
+        return None
+    return MixCollate(mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes))
+
+
+def _subset(dataset: Dataset, size: int | None) -> Dataset:
+    """A fixed (seeded) random subset of ``size`` items, in index order; the whole set when it has no more."""
+    if size is None or size >= len(dataset):
+        return dataset
+    generator = torch.Generator().manual_seed(SUBSET_SEED)
+    indices = torch.randperm(len(dataset), generator=generator)[:size].sort().values
+    return Subset(dataset, indices.tolist())
+
+
+# ---- CIFAR ------------------------------------------------------------------------------------------------------
+
+
+def _existence_only(cls: type) -> type:
+    """``cls`` checking that its files exist instead of their md5 (hashing 160 MB on every start is slow, and the
+    tests write tiny files in the real format); downloads still verify the archive's md5."""
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "train_list": [[name, None] for name, _ in cls.train_list],
+            "test_list": [[name, None] for name, _ in cls.test_list],
+            "meta": {**cls.meta, "md5": None},
+        },
+    )
+
+
+_CIFAR = {"cifar10": _existence_only(datasets.CIFAR10), "cifar100": _existence_only(datasets.CIFAR100)}
+
+
+def _cifar(data_cfg: DataConfig, root: Path, train_tf: Callable, val_tf: Callable) -> tuple[Dataset, Dataset, list]:
+    cls = _CIFAR[data_cfg.name]
+    files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    expected = f"{cls.base_folder}/{{{','.join(files)}}}"
+    if data_cfg.download:
+        _download(lambda: cls(root, train=True, download=True), data_cfg.name, root)
+    if not all((root / cls.base_folder / name).is_file() for name in files):
+        raise _not_found(data_cfg.name, root, expected, downloadable=True)
+    train = cls(root, train=True, transform=train_tf)
+    return train, cls(root, train=False, transform=val_tf), train.classes
+
+
+# ---- MNIST-like (idx files) -------------------------------------------------------------------------------------
+
+
+def _idx_path(folder: str | Path, name: str) -> Path | None:
+    """``folder/name`` or ``folder/name.gz``, whichever exists."""
+    for candidate in (Path(folder) / name, Path(folder) / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_idx(reader: Callable[[str], torch.Tensor], path: Path) -> torch.Tensor:
+    """torchvision's idx ``reader`` on ``path``, gunzipping to a temporary file first (the reader opens a path)."""
+    if path.suffix != ".gz":
+        return reader(str(path))
+    with tempfile.TemporaryDirectory() as folder:
+        plain = os.path.join(folder, path.stem)
+        with gzip.open(path, "rb") as source, open(plain, "wb") as target:
+            shutil.copyfileobj(source, target)
+        return reader(plain)
+
+
+class _FlatIdx:
+    """Mixin for torchvision's MNIST classes: read the idx files (gzipped or not) straight from ``root``, as the
+    Debian packages ship them, instead of from ``<root>/<ClassName>/raw``; downloads go to ``root`` too."""
+
+    @property
+    def raw_folder(self) -> str:
+        return str(self.root)
+
+    def _check_exists(self) -> bool:
+        return all(_idx_path(self.root, name.removesuffix(".gz")) for name, _ in self.resources)
+
+    def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        split = "train" if self.train else "t10k"
+        images = _read_idx(read_image_file, _idx_path(self.root, f"{split}-images-idx3-ubyte"))
+        labels = _read_idx(read_label_file, _idx_path(self.root, f"{split}-labels-idx1-ubyte"))
+        return images, labels
+
+
+class _FashionMNIST(_FlatIdx, datasets.FashionMNIST):
+    pass
+
+
+class _MNIST(_FlatIdx, datasets.MNIST):
+    pass
+
+
+_IDX = {"fashion_mnist": _FashionMNIST, "mnist": _MNIST}
+
+
+def _idx(data_cfg: DataConfig, root: Path, train_tf: Callable, val_tf: Callable) -> tuple[Dataset, Dataset, list]:
+    cls = _IDX[data_cfg.name]
+    expected = ", ".join(f"{name.removesuffix('.gz')}[.gz]" for name, _ in cls.resources)
+    if data_cfg.download:
+        _download(lambda: cls(root, train=True, download=True), data_cfg.name, root)
+    if not all(_idx_path(root, name.removesuffix(".gz")) for name, _ in cls.resources):
+        hint = "install it with apt-get install dataset-fashion-mnist, " if data_cfg.name == "fashion_mnist" else ""
+        raise _not_found(data_cfg.name, root, expected, downloadable=True, hint=hint)
+    return cls(root, train=True, transform=train_tf), cls(root, train=False, transform=val_tf), list(cls.classes)
+
+
+# ---- ImageFolder and fake ---------------------------------------------------------------------------------------
+
+
+def _imagefolder(data_cfg: DataConfig, root: Path, train_tf: Callable, val_tf: Callable) -> tuple[Any, Any, list]:
+    expected = "train/<class>/<image> and val/<class>/<image>"
+    if not ((root / "train").is_dir() and (root / "val").is_dir()):
+        raise _not_found(data_cfg.name, root, expected, downloadable=False)
+    try:
+        train = datasets.ImageFolder(root / "train", transform=train_tf)
+        val = datasets.ImageFolder(root / "val", transform=val_tf)
+    except FileNotFoundError as error:  # no class folders, or a class folder without images
+        raise ConfigError(f"data.root: {error} (expected {expected})") from None
+    if val.classes != train.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))
+        raise ConfigError(
+            f"data.root: {root}/train and {root}/val have different class folders (in only one: {', '.join(only)})"
+        )
+    return train, val, train.classes
+
+
+def _fake(data_cfg: DataConfig, train_tf: Callable, val_tf: Callable) -> tuple[Dataset, Dataset, list]:
+    num_classes = data_cfg.num_classes or 10
+    size = data_cfg.img_size or _STATS["fake"].img_size
+    train_size, val_size = data_cfg.train_subset or FAKE_SIZES[0], data_cfg.val_subset or FAKE_SIZES[1]
+    # random_offset keeps the validation images distinct from the training images
+    train = datasets.FakeData(train_size, (3, size, size), num_classes, transform=train_tf)
+    val = datasets.FakeData(val_size, (3, size, size), num_classes, transform=val_tf, random_offset=train_size)
+    return train, val, [f"class_{index}" for index in range(num_classes)]
+
+
+_LOADERS = {"cifar10": _cifar, "cifar100": _cifar, "fashion_mnist": _idx, "mnist": _idx, "imagefolder": _imagefolder}
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+
+def _not_found(name: str, root: Path, expected: str, *, downloadable: bool, hint: str = "") -> ConfigError:
+    fix = f"{hint}point data.root at the folder that holds them"
+    fix += ", or set data.download=true to download them" if downloadable else ""
+    return ConfigError(f"data.root: {name} not found in {root} (expected {expected}); {fix}")
+
+
+def _download(fetch: Callable[[], Any], name: str, root: Path) -> None:
+    try:
+        fetch()
+    except (URLError, OSError, RuntimeError) as error:
+        reason = str(getattr(error, "reason", error)).splitlines()[0]
+        raise ConfigError(
+            f"data.download: downloading {name} to {root} failed ({reason}); without a network, copy the files "
+            "there by hand and set data.download=false"
+        ) from None
