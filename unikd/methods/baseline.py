@@ -1,0 +1,26 @@
+"""Plain cross-entropy training: the reference every method is compared against."""
+
+from __future__ import annotations
+
+import torch
+
+from unikd.losses import cross_entropy
+from unikd.methods.base import Method, StudentOutput
+
+
+class Baseline(Method):
+    """``loss_ce`` only (hard or mixup/cutmix probability targets)."""
+
+    name = "baseline"
+
+    def __init__(self, num_classes: int, feature_dim: int | None = None) -> None:
+        super().__init__(num_classes, feature_dim)
+
+    def forward(
+        self,
+        student: StudentOutput,
+        target: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        progress: float = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        return {"loss_ce": cross_entropy(student.logits, target)}
