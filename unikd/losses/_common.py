@@ -36,7 +36,7 @@ def full_precision(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.
 
 
 def _shape(tensor: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in tensor.shape) + ")"
+    return str(tuple(tensor.shape))
 
 
 def check_logits(name: str, logits: torch.Tensor, like: torch.Tensor | None = None) -> None:
@@ -63,20 +63,15 @@ def check_target(target: torch.Tensor, logits: torch.Tensor, validate: bool | No
     n, c = logits.shape
     if not isinstance(target, torch.Tensor):
         raise ValueError(f"target: expected a tensor, got {type(target).__name__}")
-    if target.dim() == 1:
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise ValueError(f"target: class indices (N,) must be an integer tensor, got dtype {target.dtype}")
-        if target.shape[0] != n:
-            raise ValueError(f"target: batch size {target.shape[0]} does not match logits {_shape(logits)}")
-    elif target.dim() == 2:
-        if not target.is_floating_point():
-            raise ValueError(f"target: probabilities (N, C) must be floating point, got dtype {target.dtype}")
-        if target.shape != logits.shape:
-            raise ValueError(f"target: probabilities of shape {_shape(target)} do not match logits {_shape(logits)}")
-    else:
+    if (target.dim(), tuple(target.shape)) not in ((1, (n,)), (2, (n, c))):
         raise ValueError(
-            f"target: expected class indices ({n},) or probabilities ({n}, {c}), got shape {_shape(target)}"
+            f"target: expected class indices ({n},) or probabilities ({n}, {c}) for logits of shape ({n}, {c}), "
+            f"got shape {_shape(target)}"
         )
+    if target.dim() == 1 and (target.is_floating_point() or target.dtype == torch.bool):
+        raise ValueError(f"target: class indices (N,) must be an integer tensor, got dtype {target.dtype}")
+    if target.dim() == 2 and not target.is_floating_point():
+        raise ValueError(f"target: probabilities (N, C) must be floating point, got dtype {target.dtype}")
     if validate is False or (validate is None and target.device.type != "cpu"):
         return
     if target.dim() == 1:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from unikd.losses._common import (
     LossModule,
@@ -15,34 +14,30 @@ from unikd.losses._common import (
 )
 
 
-def _log1mexp(log_p: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(log_p)) for log_p <= 0, accurate at both ends (Maechler, 2012)."""
-    return torch.where(log_p > -0.6931471805599453, torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
-
-
 def _dkd_per_sample(
-    student_scaled: torch.Tensor,
-    teacher_scaled: torch.Tensor,
-    student_log_probs: torch.Tensor,
-    teacher_log_probs: torch.Tensor,
-    target_column: torch.Tensor,
-    alpha: float,
-    beta: float,
+    student_scaled: torch.Tensor, teacher_scaled: torch.Tensor, target_column: torch.Tensor, alpha: float, beta: float
 ) -> torch.Tensor:
-    """alpha * TCKD + beta * NCKD for each sample (N,), logits already divided by the temperature."""
-    # TCKD: KL between the binary distributions b = [p_t, 1 - p_t] (Eq. 2), from log-probabilities so that a
-    # saturated p_t neither overflows nor cancels.
-    student_log_target = student_log_probs.gather(1, target_column).squeeze(1)
-    teacher_log_target = teacher_log_probs.gather(1, target_column).squeeze(1)
-    student_log_rest, teacher_log_rest = _log1mexp(student_log_target), _log1mexp(teacher_log_target)
-    tckd = teacher_log_target.exp() * (teacher_log_target - student_log_target) + teacher_log_rest.exp() * (
-        teacher_log_rest - student_log_rest
-    )
-    # NCKD: KL between the distributions over the non-target classes only (Eq. 3, the p-hat terms).
-    teacher_non_target = F.softmax(mask_columns(teacher_scaled, target_column), dim=1)
-    student_non_target_log = F.log_softmax(mask_columns(student_scaled, target_column), dim=1)
-    nckd = torch.special.xlogy(teacher_non_target, teacher_non_target) - teacher_non_target * student_non_target_log
-    return alpha * tckd + beta * nckd.sum(dim=1)
+    """alpha * TCKD + beta * NCKD for each sample (N,), from logits already divided by the temperature (N, C).
+
+    Everything is written with log-sum-exps over all classes and over the non-target classes, so log(1 - p_t) is
+    never formed by subtraction: a saturated p_t (huge logits) stays finite and exact.
+    """
+
+    def log_parts(scaled):
+        masked = mask_columns(scaled, target_column)
+        log_norm, log_norm_non_target = scaled.logsumexp(dim=1), masked.logsumexp(dim=1)
+        log_target = scaled.gather(1, target_column).squeeze(1) - log_norm  # log p_t
+        log_rest = log_norm_non_target - log_norm  # log(1 - p_t)
+        log_non_target = masked - log_norm_non_target.unsqueeze(1)  # log p-hat_i, Eq. 3
+        return log_target, log_rest, log_non_target
+
+    student_target, student_rest, student_non_target = log_parts(student_scaled)
+    teacher_target, teacher_rest, teacher_non_target = log_parts(teacher_scaled)
+    # TCKD: KL between the binary distributions b = [p_t, 1 - p_t] (Eq. 2).
+    tckd = teacher_target.exp() * (teacher_target - student_target) + teacher_rest.exp() * (teacher_rest - student_rest)
+    # NCKD: KL between the distributions over the non-target classes (Eq. 3); the target column has p-hat = 0.
+    nckd = (teacher_non_target.exp() * (teacher_non_target - student_non_target)).sum(dim=1)
+    return alpha * tckd + beta * nckd
 
 
 @full_precision
@@ -79,8 +74,6 @@ def dkd_loss(
     check_positive("temperature", temperature)
     student_scaled = student_logits / temperature
     teacher_scaled = teacher_logits.detach() / temperature
-    student_log_probs = F.log_softmax(student_scaled, dim=1)
-    teacher_log_probs = F.log_softmax(teacher_scaled, dim=1)
     if target.dim() == 1:
         columns, weights = target.unsqueeze(1), None
     else:
@@ -88,9 +81,7 @@ def dkd_loss(
         weights = weights / weights.sum(dim=1, keepdim=True)
     loss = 0.0
     for k in range(columns.shape[1]):
-        per_sample = _dkd_per_sample(
-            student_scaled, teacher_scaled, student_log_probs, teacher_log_probs, columns[:, k : k + 1], alpha, beta
-        )
+        per_sample = _dkd_per_sample(student_scaled, teacher_scaled, columns[:, k : k + 1], alpha, beta)
         loss = loss + (per_sample if weights is None else weights[:, k] * per_sample)
     return loss.mean() * temperature**2
 

@@ -17,14 +17,22 @@ from unikd.losses._common import (
 )
 
 
-def tfkd_teacher(target: torch.Tensor, num_classes: int, *, correct_prob: float, temperature: float) -> torch.Tensor:
+def tfkd_teacher(
+    target: torch.Tensor,
+    num_classes: int,
+    *,
+    correct_prob: float,
+    temperature: float,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The manually designed teacher (N, C): ``softmax(p^d / T)`` with p^d = correct_prob on the target and
     (1 - correct_prob) / (C - 1) elsewhere (Eq. 9; the released code applies the softmax to p^d itself).
 
     For probability targets y, p^d = correct_prob * y + (1 - correct_prob) / (C - 1) * (1 - y), which is the
     original for one-hot y.
     """
-    label = F.one_hot(target, num_classes).to(torch.get_default_dtype()) if target.dim() == 1 else target
+    label = F.one_hot(target, num_classes) if target.dim() == 1 else target
+    label = label.to(dtype)
     designed = correct_prob * label + (1 - correct_prob) / (num_classes - 1) * (1 - label)
     return F.softmax(designed / temperature, dim=1)
 
@@ -56,8 +64,9 @@ def tfkd_loss(
     check_positive("temperature", temperature)
     if not 0.0 < correct_prob < 1.0:
         raise ValueError(f"correct_prob: must be in (0, 1), got {correct_prob}")
-    teacher = tfkd_teacher(target, student_logits.shape[1], correct_prob=correct_prob, temperature=temperature)
-    teacher = teacher.to(student_logits.dtype)
+    teacher = tfkd_teacher(
+        target, student_logits.shape[1], correct_prob=correct_prob, temperature=temperature, dtype=student_logits.dtype
+    )
     return soft_cross_entropy(student_logits, teacher) - entropy(teacher)
 
 

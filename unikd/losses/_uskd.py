@@ -35,7 +35,8 @@ class USKDSoftLabels(NamedTuple):
 
     target_classes: (N, k) long, the target classes (k = 1 for index targets, 2 for probability targets).
     target_values: (N, k) soft target value of each target class (zero where the label value is zero).
-    non_target: (N, C) Zipf distribution over the non-target classes: zero at the targets, rows sum to 1.
+    non_target: (N, C) Zipf distribution over the non-target classes: zero at the targets, rows sum to 1 (or 0 when
+        every class is a target, C = 2 with two targets).
     """
 
     target_classes: torch.Tensor
@@ -80,7 +81,9 @@ def _soft_labels(
     positions = torch.arange(1, scores.shape[1] + 1, dtype=scores.dtype, device=scores.device).expand_as(order)
     zipf = torch.empty_like(scores).scatter_(1, order, positions.reciprocal())
     zipf = zipf.scatter(1, classes, 0.0)
-    return USKDSoftLabels(classes, target_values, zipf / zipf.sum(dim=1, keepdim=True))
+    # A row whose classes are all targets (C = 2, two targets) has no non-target class: an all-zero row, so L_non = 0.
+    zipf_mass = zipf.sum(dim=1, keepdim=True).clamp_min(torch.finfo(zipf.dtype).tiny)
+    return USKDSoftLabels(classes, target_values, zipf / zipf_mass)
 
 
 def _check_uskd_inputs(student_logits, weak_logits, target, rank, validate) -> None:
