@@ -25,6 +25,7 @@ from unikd.methods.tfkd import TfKD
 from unikd.methods.uskd import USKD
 from unikd.methods.wsld import WSLD
 from unikd.methods.zipf_ls import ZipfLS
+from unikd.models import forward_with_dense_logits, forward_with_feature
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Baseline, LabelSmoothing, TfKD, ZipfLS, USKD, KD, DKD, NKD, WSLD)
@@ -99,8 +100,6 @@ def forward_student(
     ``None``: plain ``model(images)``. ``"feature"``: logits (N, C) and the pooled feature (N, D) at ``layer``.
     ``"dense_logits"``: logits (N, C) and the classifier applied at each location of the last feature map (N, L, C).
     """
-    from unikd.models import forward_with_dense_logits, forward_with_feature
-
     if student_output is None:
         return StudentOutput(logits=model(images))
     if student_output == "feature":
