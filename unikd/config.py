@@ -32,6 +32,8 @@ DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder", "fak
 MODEL_PREFIXES = ("cifar/", "timm/", "tv/")
 # Set from the dataset by the trainer; giving them in *_kwargs could only disagree with it.
 _DERIVED_MODEL_KWARGS = ("num_classes", "in_chans")
+# Names users type for a choice that spelling distance would get wrong (difflib offers 'cpu' for 'gpu').
+_SYNONYMS = {"gpu": "cuda", "fp32": "none", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
 __all__ = [
     "DATASETS",
@@ -398,17 +400,26 @@ def _apply_override(raw: dict, override: str) -> None:
 
 
 def _unknown_key(key_path: str, key: str, valid: list[str], parent: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
+    close = _closest(key, valid)
     if close:
-        return f"{key_path}: unknown key (did you mean '{_join(parent, close[0])}'?)"
+        return f"{key_path}: unknown key (did you mean '{_join(parent, close)}'?)"
     return f"{key_path}: unknown key (valid keys: {', '.join(sorted(valid))})"
 
 
 def _not_one_of(path: str, value: Any, choices: Iterable[str]) -> str:
     choices = sorted(choices)
     message = f"{path}: {value!r} is not one of {', '.join(choices)}"
-    close = difflib.get_close_matches(str(value), choices, n=1)
-    return f"{message} (did you mean '{close[0]}'?)" if close else message
+    close = _closest(str(value), choices)
+    return f"{message} (did you mean '{close}'?)" if close else message
+
+
+def _closest(word: str, choices: list[str]) -> str | None:
+    """The likely intended choice: a known synonym, a close spelling, or the only choice ``word`` begins."""
+    if _SYNONYMS.get(word.lower()) in choices:
+        return _SYNONYMS[word.lower()]
+    close = difflib.get_close_matches(word, choices, n=1)
+    starting = [choice for choice in choices if word and choice.startswith(word)]
+    return close[0] if close else starting[0] if len(starting) == 1 else None
 
 
 def _type_name(hint: Any) -> str:

@@ -1,0 +1,300 @@
+"""Config schema: defaults, YAML + overrides, round trips, and every validation rule with its exact message."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from unikd import ConfigError, UnikdError
+from unikd.config import (
+    Config,
+    MethodConfig,
+    ModelConfig,
+    check_teacher_num_classes,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    save_config,
+)
+from unikd.methods import METHODS, method_defaults
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+TEACHER = ["method.name=kd", "model.teacher=cifar/resnet20"]
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def _error(path: str | Path | None, overrides: list[str] = (), **kwargs) -> str:
+    with pytest.raises(ConfigError) as error:
+        load_config(path, overrides, **kwargs)
+    return str(error.value)
+
+
+def test_defaults():
+    cfg = load_config(None)
+    assert dataclasses.replace(cfg, method=MethodConfig()) == Config()
+    assert (cfg.data.name, cfg.data.root, cfg.model.student, cfg.method.name) == (
+        "fashion_mnist",
+        None,
+        "cifar/smallcnn",
+        "baseline",
+    )
+    assert (cfg.optim.name, cfg.optim.lr, cfg.schedule.name, cfg.train.epochs, cfg.output_dir) == (
+        "sgd",
+        0.1,
+        "cosine",
+        10,
+        "runs/exp",
+    )
+
+
+def test_config_error_is_a_user_error_and_a_value_error():
+    assert issubclass(ConfigError, UnikdError) and issubclass(ConfigError, ValueError)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = _yaml(
+        tmp_path,
+        "data: {name: cifar100, root: /data/c100}\n"
+        "optim: {lr: 1, weight_decay: 5e-4}\n"  # YAML 1.1 reads 5e-4 as a string; a float field accepts it
+        "train: {epochs: 240, batch_size: 64}\n"
+        "output_dir: runs/a\n",
+    )
+    cfg = load_config(
+        path,
+        ["train.epochs=3", "schedule.milestones=[1,2]", "data.root=null", "model.student_kwargs.drop_rate=0.1"],
+    )
+    assert (cfg.data.name, cfg.data.root, cfg.train.epochs, cfg.train.batch_size) == ("cifar100", None, 3, 64)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.optim.weight_decay == 5e-4
+    assert cfg.schedule.milestones == [1, 2] and cfg.model.student_kwargs == {"drop_rate": 0.1}
+    assert cfg.output_dir == "runs/a"
+
+
+def test_overrides_win_in_order_and_values_parse_as_yaml():
+    cfg = load_config(None, ["train.seed=1", "train.seed=2", "output_dir=runs/x=y", "model.feature_layer=2"])
+    assert cfg.train.seed == 2 and cfg.output_dir == "runs/x=y" and cfg.model.feature_layer == 2
+
+
+def test_method_section_is_flat_and_resolved_with_every_default(tmp_path):
+    cfg = load_config(_yaml(tmp_path, "method: {name: uskd, alpha: 0.1}\n"), ["method.mu=1"])
+    assert cfg.method == MethodConfig("uskd", {**method_defaults("uskd"), "alpha": 0.1, "mu": 1.0})
+    assert config_to_dict(cfg)["method"] == {"name": "uskd", **cfg.method.params}
+
+
+def test_dump_and_save_round_trip(tmp_path):
+    cfg = load_config(
+        None, ["method.name=dkd", "model.teacher=cifar/resnet20", "model.teacher_checkpoint=t.pt"], check_files=False
+    )
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert (tmp_path / "run" / "config.yaml").read_text() == dump_config(cfg)
+    assert load_config(tmp_path / "run" / "config.yaml", check_files=False) == cfg
+    assert config_from_dict(config_to_dict(cfg), check_files=False) == cfg
+    assert list(yaml.safe_load(dump_config(cfg))) == [
+        "data",
+        "model",
+        "method",
+        "optim",
+        "schedule",
+        "train",
+        "output_dir",
+    ]
+
+
+def test_empty_file_is_the_defaults(tmp_path):
+    assert load_config(_yaml(tmp_path, "")) == load_config(None)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
+def test_shipped_configs_are_valid(path, tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    teacher.touch()
+    cfg = load_config(path, [f"model.teacher_checkpoint={teacher}"] if "teacher:" in path.read_text() else [])
+    assert cfg.output_dir == f"runs/{path.stem}"
+
+
+def test_every_method_loads_with_its_defaults():
+    for name, cls in METHODS.items():
+        overrides = [f"method.name={name}"]
+        if cls.needs_teacher:
+            overrides += ["model.teacher=timm/resnet18", "model.teacher_kwargs.pretrained=true"]
+        assert load_config(None, overrides).method.params == method_defaults(name)
+
+
+# ---- validation messages ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epoch=3"], "train.epoch: unknown key (did you mean 'train.epochs'?)"),
+        (["optimizer.lr=3"], "optimizer: unknown key (did you mean 'optim'?)"),
+        (["data.nmae=x"], "data.nmae: unknown key (did you mean 'data.name'?)"),
+        (
+            ["train.zzz=1"],
+            "train.zzz: unknown key (valid keys: amp, batch_size, channels_last, compile, deterministic, device, "
+            "epochs, eval_batch_size, eval_every, log_every, max_steps_per_epoch, nan_check, progress, seed, "
+            "tensorboard)",
+        ),
+        (["train.epochs=ten"], "train.epochs: expected int, got 'ten'"),
+        (["train.epochs=2.5"], "train.epochs: expected int, got 2.5"),
+        (["train.epochs=null"], "train.epochs: expected int, got null"),
+        (["train.amp=true"], "train.amp: expected str, got True"),
+        (["train.compile=1"], "train.compile: expected bool, got 1"),
+        (["optim.lr=fast"], "optim.lr: expected float, got 'fast'"),
+        (["optim.clip_grad_norm=x"], "optim.clip_grad_norm: expected float or null, got 'x'"),
+        (["model.feature_layer=[1]"], "model.feature_layer: expected str or int, got [1]"),
+        (["model.student_kwargs=3"], "model.student_kwargs: expected a mapping, got 3"),
+        (["schedule.milestones=30"], "schedule.milestones: expected a list of int, got 30"),
+        (["schedule.milestones=[30,x]"], "schedule.milestones[1]: expected int, got 'x'"),
+        (["train=5"], "train: expected a mapping, got 5"),
+        (["output_dir=null"], "output_dir: expected str, got null"),
+        (["optim.name=sgdd"], "optim.name: 'sgdd' is not one of adamw, sgd (did you mean 'sgd'?)"),
+        (
+            ["data.name=cifar"],
+            "data.name: 'cifar' is not one of cifar10, cifar100, fake, fashion_mnist, imagefolder, mnist "
+            "(did you mean 'cifar10'?)",
+        ),
+        (["schedule.name=poly"], "schedule.name: 'poly' is not one of constant, cosine, multistep, step"),
+        (["train.amp=fp8"], "train.amp: 'fp8' is not one of bf16, fp16, none"),
+        (["train.device=gpu"], "train.device: 'gpu' is not one of auto, cpu, cuda (did you mean 'cuda'?)"),
+        (
+            ["data.augment=rand"],
+            "data.augment: 'rand' is not one of default, none, randaugment (did you mean 'randaugment'?)",
+        ),
+        (
+            ["method.name=usk"],
+            "method.name: 'usk' is not one of baseline, dkd, kd, ls, nkd, tfkd, uskd, wsld, zipf_ls "
+            "(did you mean 'uskd'?)",
+        ),
+        (["method.name=3"], "method.name: expected str, got 3"),
+        (["method=uskd"], "method: expected a mapping, got 'uskd'"),
+        (
+            ["method.name=uskd", "method.alph=1"],
+            "method.alph: unknown key for method 'uskd' (did you mean 'method.alpha'?)",
+        ),
+        (["method.smoothing=0.1"], "method.smoothing: unknown key for method 'baseline' (valid keys: name)"),
+        (["method.name=uskd", "method.mu=x"], "method.mu: expected float, got 'x'"),
+        (["method.name=uskd", "method.rank=3"], "method.rank: expected str, got 3"),
+        (["train.epochs=0"], "train.epochs: must be >= 1, got 0"),
+        (["data.mixup=-0.2"], "data.mixup: must be >= 0, got -0.2"),
+        (["data.num_classes=1"], "data.num_classes: must be >= 2, got 1"),
+        (["data.train_subset=0"], "data.train_subset: must be >= 1, got 0"),
+        (["optim.lr=0"], "optim.lr: must be > 0, got 0.0"),
+        (["optim.clip_grad_norm=-1"], "optim.clip_grad_norm: must be > 0, got -1.0"),
+        (["schedule.milestones=[0,5]"], "schedule.milestones: must be >= 1, got 0"),
+        (["schedule.milestones=[6,3]"], "schedule.milestones: must be increasing, got [6, 3]"),
+        (["schedule.warmup_epochs=20"], "schedule.warmup_epochs: 20 is more than train.epochs (10)"),
+        (
+            ["model.student=resnet18"],
+            "model.student: 'resnet18' must start with cifar/, timm/, tv/ (e.g. 'cifar/resnet18')",
+        ),
+        (
+            ["model.student_kwargs.num_classes=10"],
+            "model.student_kwargs.num_classes: set from the dataset, remove it (data.num_classes checks it)",
+        ),
+        (
+            ["model.teacher_kwargs.in_chans=1"],
+            "model.teacher_kwargs.in_chans: set from the dataset, remove it (data.num_classes checks it)",
+        ),
+        (
+            ["method.name=kd"],
+            "model.teacher: method 'kd' needs a teacher (e.g. model.teacher=cifar/resnet32x4 "
+            "model.teacher_checkpoint=PATH)",
+        ),
+        (
+            ["method.name=nkd", "model.teacher_checkpoint=t.pt"],
+            "model.teacher: method 'nkd' needs a teacher (e.g. model.teacher=cifar/resnet32x4 "
+            "model.teacher_checkpoint=PATH)",
+        ),
+        (
+            TEACHER,
+            "model.teacher_checkpoint: method 'kd' needs the teacher's trained weights (set "
+            "model.teacher_checkpoint=PATH, or model.teacher_kwargs.pretrained=true for a timm model)",
+        ),
+        ([*TEACHER, "model.teacher_checkpoint=missing.pt"], "model.teacher_checkpoint: file not found: missing.pt"),
+    ],
+)
+def test_validation_messages(overrides, message):
+    assert _error(None, overrides) == message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs", "override 'train.epochs': expected key=value, e.g. train.epochs=5"),
+        ("=3", "override '=3': expected key=value, e.g. train.epochs=5"),
+        ("train..epochs=3", "override 'train..epochs=3': empty name in key 'train..epochs'"),
+        (
+            "data.root=[1",
+            "data.root: cannot parse value '[1' at line 1, column 3: expected ',' or ']', but got '<stream end>'",
+        ),
+        ("output_dir.x=1", "output_dir.x: cannot set a key inside output_dir, which is 'runs/exp'"),
+    ],
+)
+def test_override_syntax_errors(override, message, tmp_path):
+    assert _error(_yaml(tmp_path, "output_dir: runs/exp\n"), [override]) == message
+
+
+def test_file_errors(tmp_path):
+    assert _error(tmp_path / "nope.yaml") == f"config file not found: {tmp_path / 'nope.yaml'}"
+    path = _yaml(tmp_path, "train:\n  epochs: 3\n bad: 1\n")
+    assert (
+        _error(path)
+        == f"{path}: invalid YAML at line 3, column 2: expected <block end>, but found '<block mapping start>'"
+    )
+    assert (
+        _error(_yaml(tmp_path, "- 1\n- 2\n"))
+        == f"{path}: expected a mapping of sections (data, model, ...), got [1, 2]"
+    )
+    with pytest.raises(ConfigError, match=r"^expected a mapping of sections \(data, model, \.\.\.\), got 3$"):
+        config_from_dict(3)
+
+
+def test_teacher_checkpoint_is_checked_only_when_asked():
+    overrides = [*TEACHER, "model.teacher_checkpoint=missing.pt"]
+    assert load_config(None, overrides, check_files=False).model.teacher_checkpoint == "missing.pt"
+
+
+def test_pretrained_teacher_needs_no_checkpoint():
+    cfg = load_config(None, [*TEACHER[:1], "model.teacher=timm/resnet18", "model.teacher_kwargs.pretrained=true"])
+    assert cfg.model.teacher_checkpoint is None
+
+
+def test_teacher_for_a_method_without_one_is_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match=r"^model\.teacher: method 'uskd' does not use a teacher; ignoring it$"):
+        load_config(None, ["method.name=uskd", "model.teacher=cifar/resnet20"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["method.name=uskd"])
+
+
+# ---- num_classes across data and teacher ------------------------------------------------------------------------
+
+
+def test_teacher_checkpoint_num_classes_must_match(tmp_path):
+    checkpoint = tmp_path / "teacher.pt"
+    torch.save({"format": "unikd-checkpoint", "num_classes": 10, "model": {}}, checkpoint)
+    model_cfg = ModelConfig(teacher="cifar/resnet20", teacher_checkpoint=str(checkpoint))
+    check_teacher_num_classes(model_cfg, 10)
+    with pytest.raises(ConfigError) as error:
+        check_teacher_num_classes(model_cfg, 100)
+    assert str(error.value) == (
+        f"model.teacher_checkpoint: the teacher in {checkpoint} predicts 10 classes but the dataset has 100"
+    )
+
+
+def test_teacher_num_classes_is_not_guessed_from_plain_weights(tmp_path):
+    checkpoint = tmp_path / "teacher.pt"
+    torch.save({"fc.weight": torch.zeros(10, 4)}, checkpoint)
+    check_teacher_num_classes(ModelConfig(teacher="cifar/resnet20", teacher_checkpoint=str(checkpoint)), 100)
+    check_teacher_num_classes(ModelConfig(), 100)  # no teacher
