@@ -1,0 +1,328 @@
+"""The training engine on tiny FakeData runs (CPU, a few steps each): run directory, resume, failure, AMP, clipping.
+
+Interrupts are real signals: a wrapped ``forward_student`` sends SIGINT to this process during step k (the engine
+finishes the step, saves ``last.pt`` and raises ``KeyboardInterrupt``), or the test sends SIGTERM to a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import unikd.train
+from unikd import UnikdError
+from unikd._checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from unikd.config import load_config
+from unikd.train import evaluate_checkpoint, optimizer_step, train
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 4
+TINY = [
+    "data.name=fake",
+    "data.img_size=8",
+    "data.train_subset=64",
+    "data.val_subset=24",
+    "data.num_workers=0",
+    "model.student=cifar/smallcnn",
+    "model.student_kwargs={width: 4}",
+    "optim.lr=0.05",
+    "train.batch_size=8",
+    "train.eval_batch_size=16",
+    "train.epochs=2",
+    f"train.max_steps_per_epoch={STEPS_PER_EPOCH}",
+    "train.log_every=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+]
+
+
+def tiny_overrides(output_dir: Path, *overrides: str) -> list[str]:
+    return [*TINY, f"output_dir={output_dir}", *overrides]
+
+
+def tiny_config(output_dir: Path, *overrides: str):
+    return load_config(None, tiny_overrides(output_dir, *overrides))
+
+
+def wrap_forward_student(monkeypatch, on_call):
+    """Replace the engine's ``forward_student`` with one that calls ``on_call(call_number, output)`` (1-based)."""
+    real = unikd.train.forward_student
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        output = real(*args, **kwargs)
+        calls.append(len(calls) + 1)
+        on_call(len(calls), output)
+        return output
+
+    monkeypatch.setattr(unikd.train, "forward_student", wrapped)
+    return calls
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- one complete run ------------------------------------------------------------------------------------------
+
+
+def test_train_writes_the_run_directory_and_eval_checkpoint_agrees(tmp_path, monkeypatch):
+    clip_calls = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: clip_calls.append(max_norm) or real_clip(p, max_norm)
+    )
+    run = tmp_path / "run"
+    result = train(tiny_config(run, "method.name=uskd", "optim.clip_grad_norm=2.0", "train.tensorboard=true"))
+
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.jsonl", "tb", "last.pt", "best.pt", "final.json"}
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
+    assert json.loads((run / "final.json").read_text()) == result
+    assert set(result) == {"best_top1", "best_epoch", "last_top1", "last_top5", "history"}
+    assert len(result["history"]) == 2 and result["last_top1"] == result["history"][-1]["top1"]
+    assert clip_calls == [2.0] * 2 * STEPS_PER_EPOCH
+
+    records = read_metrics(run)
+    train_records = [r for r in records if r["split"] == "train"]
+    val_records = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in train_records] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert set(train_records[0]) == {"split", "step", "epoch", "lr", "loss_ce", "loss_uskd", "loss", "images_per_s"}
+    assert all(
+        math.isfinite(r["loss"]) and r["loss"] == pytest.approx(r["loss_ce"] + r["loss_uskd"]) for r in train_records
+    )
+    assert [r["epoch"] for r in val_records] == [0, 1]
+    assert set(val_records[0]) == {"split", "step", "epoch", "top1", "top5", "val_loss", "epoch_time_s", "peak_mem_mb"}
+    assert all(r["epoch_time_s"] > 0 and r["peak_mem_mb"] > 0 for r in val_records)
+
+    checkpoint = load_checkpoint(run / "last.pt")
+    assert checkpoint["model_name"] == "cifar/smallcnn" and checkpoint["num_classes"] == 10
+    assert (checkpoint["epoch"], checkpoint["step"]) == (2, 2 * STEPS_PER_EPOCH)
+    assert set(checkpoint["method"]) == {"weak_head.weight", "weak_head.bias"}  # USKD's weak head is saved
+    assert checkpoint["config"]["method"]["name"] == "uskd"
+    assert checkpoint["metrics"]["history"] == result["history"]
+
+    scores = evaluate_checkpoint(run / "last.pt", [])
+    assert scores["top1"] == pytest.approx(result["last_top1"])
+    assert scores["top5"] == pytest.approx(result["last_top5"])
+    assert scores["loss"] == pytest.approx(result["history"][-1]["val_loss"], rel=1e-5)
+
+
+def test_same_seed_gives_the_same_student_init_and_data_order_across_methods(tmp_path, monkeypatch):
+    first_batches = {}
+    inits = {}
+    real_create_model = unikd.train.create_model
+
+    def recording_create_model(*args, **kwargs):
+        model = real_create_model(*args, **kwargs)
+        inits[method] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    monkeypatch.setattr(unikd.train, "create_model", recording_create_model)
+    real_forward = unikd.train.forward_student
+
+    def recording_forward(model, images, *args, **kwargs):
+        first_batches.setdefault(method, images.clone())
+        return real_forward(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(unikd.train, "forward_student", recording_forward)
+    for method in ("baseline", "uskd"):
+        train(tiny_config(tmp_path / method, f"method.name={method}", "train.epochs=1", "train.max_steps_per_epoch=1"))
+    assert inits["baseline"].keys() == inits["uskd"].keys()
+    assert all(torch.equal(inits["baseline"][k], inits["uskd"][k]) for k in inits["baseline"])
+    assert torch.equal(first_batches["baseline"], first_batches["uskd"])
+
+
+# ---- resume ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interrupt_at_step", [3, STEPS_PER_EPOCH, 6])
+def test_interrupt_then_resume_is_bit_identical_to_a_straight_run(tmp_path, monkeypatch, interrupt_at_step):
+    # USKD: its weak head must resume too; default augmentation: random crops/flips drawn in this process.
+    overrides = ("method.name=uskd", "data.augment=default", "schedule.warmup_epochs=0.5")
+    straight = train(tiny_config(tmp_path / "straight", *overrides))
+
+    def interrupt(call, output):
+        if call == interrupt_at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    calls = wrap_forward_student(monkeypatch, interrupt)
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted: saved .*last\.pt; continue with --resume"):
+        train(tiny_config(tmp_path / "resumed", *overrides))
+    assert len(calls) == interrupt_at_step  # the step in flight finished, then the run stopped
+    interrupted = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert interrupted["step"] == interrupt_at_step
+    assert not (tmp_path / "resumed" / "final.json").exists()
+
+    monkeypatch.undo()
+    resumed = train(tiny_config(tmp_path / "resumed", *overrides), resume=True)
+
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert b["step"] == 2 * STEPS_PER_EPOCH
+    for part in ("model", "method"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
+    assert resumed["history"] == [
+        {**entry, "epoch_time_s": resumed_entry["epoch_time_s"], "peak_mem_mb": resumed_entry["peak_mem_mb"]}
+        for entry, resumed_entry in zip(straight["history"], resumed["history"], strict=True)
+    ]
+    train_steps = [r["step"] for r in read_metrics(tmp_path / "resumed") if r["split"] == "train"]
+    assert train_steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # each step logged once across both runs
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    run = tmp_path / "run"
+    message = f"--resume: no checkpoint {run / 'last.pt'} to resume from; run without --resume to start a new run there"
+    with pytest.raises(UnikdError, match=f"^{re.escape(message)}$"):
+        train(tiny_config(run), resume=True)
+
+
+def test_new_run_into_an_existing_run_directory_is_an_error(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")
+    message = (
+        f"output_dir {run} already holds a run ({run / 'last.pt'}); pass --resume to continue it, "
+        "or choose another output_dir"
+    )
+    with pytest.raises(UnikdError, match=f"^{re.escape(message)}$"):
+        train(tiny_config(run))
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, "train.max_steps_per_epoch=null")  # 8 steps per epoch, slowed down below
+    script = (
+        "import time, unikd.train as engine\n"
+        "from unikd.config import load_config\n"
+        "real = engine.forward_student\n"
+        "def slow(*args, **kwargs):\n"
+        "    time.sleep(0.1)\n"
+        "    return real(*args, **kwargs)\n"
+        "engine.forward_student = slow\n"
+        f"engine.train(load_config(None, {overrides!r}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ((run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 2):
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()[0]
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        output = child.communicate(timeout=60)[0]
+    finally:
+        child.kill()
+    assert child.returncode == 143, output
+    assert f"unikd: SIGTERM: saved {run / 'last.pt'}; continue with --resume" in output
+    checkpoint = load_checkpoint(run / "last.pt")
+    assert 2 <= checkpoint["step"] < 16 and checkpoint["epoch"] == checkpoint["step"] // 8
+
+    result = train(load_config(None, overrides), resume=True)
+    assert load_checkpoint(run / "last.pt")["step"] == 16
+    assert len(result["history"]) == 2
+
+
+# ---- failure -----------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_with_the_step_and_term_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def poison(call, output):
+        if call == 6:  # epoch 1, after epoch 0's checkpoint
+            output.logits = output.logits * float("nan")
+
+    wrap_forward_student(monkeypatch, poison)
+    message = (
+        f"non-finite loss at step 6 (epoch 1): loss_ce=nan; last good checkpoint: {run / 'last.pt'}. "
+        "Lower optim.lr, set optim.clip_grad_norm, or use train.amp=bf16 instead of fp16"
+    )
+    with pytest.raises(UnikdError, match=f"^{re.escape(message)}$"):
+        train(tiny_config(run))
+    checkpoint = load_checkpoint(run / "last.pt")
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, STEPS_PER_EPOCH)
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    assert not (run / "final.json").exists()
+
+
+def test_amp_bf16_on_cpu_trains_finite_and_deterministic_mode_is_restored(tmp_path):
+    result = train(tiny_config(tmp_path / "run", "train.amp=bf16", "train.epochs=1", "train.deterministic=true"))
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert len(losses) == STEPS_PER_EPOCH and all(math.isfinite(x) for x in losses)
+    assert math.isfinite(result["history"][0]["val_loss"])
+    assert not torch.are_deterministic_algorithms_enabled()  # global torch flags are put back after the run
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is about CPU-only machines")
+def test_fp16_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(
+        UnikdError,
+        match=r"^train\.amp: 'fp16' needs CUDA \(its GradScaler\); on CPU use train\.amp="
+        r"bf16 or none$",
+    ):
+        train(tiny_config(tmp_path / "run", "train.amp=fp16"))
+
+
+def test_optimizer_step_clips_the_gradient_norm():
+    def step(clip):
+        weight = torch.nn.Parameter(torch.zeros(10))
+        optimizer = torch.optim.SGD([weight], lr=1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        optimizer_step((weight * 100.0).sum(), optimizer, scaler, [weight], clip)
+        return weight.detach().norm().item()
+
+    assert step(None) == pytest.approx(100.0 * math.sqrt(10))
+    assert step(0.5) == pytest.approx(0.5)
+
+
+# ---- checkpoint files ----------------------------------------------------------------------------------------------
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"format": "unikd-checkpoint", "version": 1, "step": 1}, path)
+    before = path.read_bytes()
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"format": "unikd-checkpoint", "version": 1, "step": 2}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    save_checkpoint({"format": "unikd-checkpoint", "version": 1, "rng": capture_rng_state()}, tmp_path / "c.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    actual = (random.random(), np.random.rand(), torch.rand(3))
+    assert expected[:2] == actual[:2] and torch.equal(expected[2], actual[2])
+
+
+def test_loading_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(UnikdError, match=f"^checkpoint not found: {re.escape(str(tmp_path / 'missing.pt'))}$"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(
+        UnikdError, match=r"plain\.pt is not a unikd training checkpoint \(no format='unikd-checkpoint'"
+    ):
+        load_checkpoint(tmp_path / "plain.pt")
