@@ -391,3 +391,15 @@ def test_validate_switch_skips_value_checks():
         L.cross_entropy(student, torch.tensor([0, 1, 2]), validate=False)
     with pytest.raises(IndexError):
         L.cross_entropy(student, torch.tensor([0, 7]), validate=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uskd_rank_order_breaks_ties_by_lower_index(dtype):
+    from unikd.losses._uskd import _descending_order
+
+    generator = torch.Generator().manual_seed(0)
+    scores = (torch.randn(64, 300, generator=generator) * 4).round().to(dtype)  # many ties, both signs
+    scores[0] = 1.5  # a row of equal scores
+    order = _descending_order(scores)
+    assert torch.equal(order, scores.argsort(dim=1, descending=True, stable=True))
+    assert order[0].tolist() == list(range(300))

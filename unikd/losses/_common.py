@@ -101,14 +101,54 @@ def target_class(target: torch.Tensor) -> torch.Tensor:
     return target if target.dim() == 1 else target.argmax(dim=1)
 
 
-def mask_columns(logits: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Logits (N, C) with the given columns (N, k) set to the dtype's most negative value.
+def column_mask(logits: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Boolean (N, C) mask, True at the given columns (N, k)."""
+    return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, columns, True)
+
+
+def mask_columns(logits: torch.Tensor, columns_or_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (N, C) with the given columns (N, k), or a boolean (N, C) mask, set to the dtype's most negative value.
 
     A softmax over the result is the softmax over the remaining classes, with exactly zero mass on the masked
     ones; unlike boolean-mask indexing it keeps the (N, C) layout, so no copy and no reshape per call.
     """
-    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, columns, True)
+    mask = columns_or_mask if columns_or_mask.dtype == torch.bool else column_mask(logits, columns_or_mask)
     return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+
+
+def non_target_softmax(scaled_logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Softmax over the unmasked classes of (N, C) logits, with what NKD and DKD need beside it.
+
+    Returns ``(masked_logits, log_norm, probs)``: the logits with masked columns at the dtype's minimum, the
+    log-sum-exp over the unmasked classes (N, 1), and the renormalised probabilities (N, C), zero where masked.
+    """
+    masked = mask_columns(scaled_logits, mask)
+    log_norm = masked.logsumexp(dim=1, keepdim=True)
+    return masked, log_norm, (masked - log_norm).exp_()
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """A loss value whose gradient with respect to the logits was computed together with it."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gradient)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        return gradient * grad_output, None, None
+
+
+def with_gradient(logits: torch.Tensor, value: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Attach a closed-form gradient (same shape as ``logits``) to a scalar loss ``value``.
+
+    The hot losses (NKD, DKD, USKD) derive their gradient in closed form from the softmaxes the forward pass computes
+    anyway: one saved (N, C) tensor and no autograd graph through a dozen (N, C) intermediates. Double backward is
+    not supported through these losses.
+    """
+    return _PrecomputedGradient.apply(logits, value, gradient)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:

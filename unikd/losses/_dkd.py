@@ -3,41 +3,57 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from unikd.losses._common import (
     LossModule,
     check_logits,
     check_positive,
     check_target,
+    column_mask,
     full_precision,
-    mask_columns,
+    non_target_softmax,
+    with_gradient,
 )
 
 
-def _dkd_per_sample(
-    student_scaled: torch.Tensor, teacher_scaled: torch.Tensor, target_column: torch.Tensor, alpha: float, beta: float
-) -> torch.Tensor:
-    """alpha * TCKD + beta * NCKD for each sample (N,), from logits already divided by the temperature (N, C).
+def _dkd_value_and_gradient(
+    student_scaled: torch.Tensor,
+    teacher_scaled: torch.Tensor,
+    target_column: torch.Tensor,
+    alpha: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``alpha * TCKD + beta * NCKD`` (N, 1) and its gradient w.r.t. the scaled student logits (N, C).
 
-    Everything is written with log-sum-exps over all classes and over the non-target classes, so log(1 - p_t) is
-    never formed by subtraction: a saturated p_t (huge logits) stays finite and exact.
+    Built from the softmax over the non-target classes and the non-target log-sum-exp, so log(1 - p_t) is never
+    formed by subtraction: a saturated p_t (huge logits) stays finite and exact.
     """
+    mask = column_mask(student_scaled, target_column)
+    student_masked, student_log_norm, student_non_target = non_target_softmax(student_scaled, mask)
+    teacher_masked, teacher_log_norm, teacher_non_target = non_target_softmax(teacher_scaled, mask)
+    # log p_t = -softplus(lse_nt - z_t), log(1 - p_t) = -softplus(z_t - lse_nt).
+    student_gap = student_log_norm - student_scaled.gather(1, target_column)
+    teacher_gap = teacher_log_norm - teacher_scaled.gather(1, target_column)
+    student_log_target, student_log_rest = -F.softplus(student_gap), -F.softplus(-student_gap)
+    teacher_log_target, teacher_log_rest = -F.softplus(teacher_gap), -F.softplus(-teacher_gap)
+    teacher_target, teacher_rest = teacher_log_target.exp(), teacher_log_rest.exp()
 
-    def log_parts(scaled):
-        masked = mask_columns(scaled, target_column)
-        log_norm, log_norm_non_target = scaled.logsumexp(dim=1), masked.logsumexp(dim=1)
-        log_target = scaled.gather(1, target_column).squeeze(1) - log_norm  # log p_t
-        log_rest = log_norm_non_target - log_norm  # log(1 - p_t)
-        log_non_target = masked - log_norm_non_target.unsqueeze(1)  # log p-hat_i, Eq. 3
-        return log_target, log_rest, log_non_target
-
-    student_target, student_rest, student_non_target = log_parts(student_scaled)
-    teacher_target, teacher_rest, teacher_non_target = log_parts(teacher_scaled)
     # TCKD: KL between the binary distributions b = [p_t, 1 - p_t] (Eq. 2).
-    tckd = teacher_target.exp() * (teacher_target - student_target) + teacher_rest.exp() * (teacher_rest - student_rest)
-    # NCKD: KL between the distributions over the non-target classes (Eq. 3); the target column has p-hat = 0.
-    nckd = (teacher_non_target.exp() * (teacher_non_target - student_non_target)).sum(dim=1)
-    return alpha * tckd + beta * nckd
+    tckd = teacher_target * (teacher_log_target - student_log_target) + teacher_rest * (
+        teacher_log_rest - student_log_rest
+    )
+    # NCKD: KL between the non-target distributions (Eq. 3): sum_i q_i (z^t_i - z^s_i) - lse^t_nt + lse^s_nt.
+    nckd = (teacher_non_target * (teacher_masked - student_masked)).sum(dim=1, keepdim=True)
+    nckd += student_log_norm - teacher_log_norm
+
+    # d/dz_j: alpha * (p_j - b^t_t [j = t] - b^t_rest p-hat_j) + beta * (p-hat_j - q-hat_j), with
+    # p_j = (1 - p_t) p-hat_j off the target.
+    student_rest = student_log_rest.exp()
+    gradient = student_non_target * (alpha * (student_rest - teacher_rest) + beta)
+    gradient.sub_(teacher_non_target, alpha=beta)
+    gradient.scatter_add_(1, target_column, alpha * (student_log_target.exp() - teacher_target))
+    return alpha * tckd + beta * nckd, gradient
 
 
 @full_precision
@@ -66,24 +82,32 @@ def dkd_loss(
         validate: check target values; None: only when on the CPU (no device sync).
 
     Returns:
-        Scalar, mean over the batch (the DKD warm-up weight is the caller's business).
+        Scalar, mean over the batch (the DKD warm-up weight is the caller's business). Its gradient is computed in
+        closed form (no double backward).
     """
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits, like=student_logits)
     check_target(target, student_logits, validate)
     check_positive("temperature", temperature)
-    student_scaled = student_logits / temperature
-    teacher_scaled = teacher_logits.detach() / temperature
-    if target.dim() == 1:
-        columns, weights = target.unsqueeze(1), None
-    else:
-        weights, columns = target.topk(2, dim=1)  # (N, 2) each
-        weights = weights / weights.sum(dim=1, keepdim=True)
-    loss = 0.0
-    for k in range(columns.shape[1]):
-        per_sample = _dkd_per_sample(student_scaled, teacher_scaled, columns[:, k : k + 1], alpha, beta)
-        loss = loss + (per_sample if weights is None else weights[:, k] * per_sample)
-    return loss.mean() * temperature**2
+    with torch.no_grad():
+        student_scaled = student_logits.detach() / temperature
+        teacher_scaled = teacher_logits.detach() / temperature
+        if target.dim() == 1:
+            columns, weights = target.unsqueeze(1), torch.ones_like(student_scaled[:, :1])
+        else:
+            weights, columns = target.topk(2, dim=1)  # (N, 2) each
+            weights = weights / weights.sum(dim=1, keepdim=True)
+        value, gradient = 0.0, torch.zeros_like(student_scaled)
+        for k in range(columns.shape[1]):
+            per_sample, per_sample_gradient = _dkd_value_and_gradient(
+                student_scaled, teacher_scaled, columns[:, k : k + 1], alpha, beta
+            )
+            weight = weights[:, k : k + 1]
+            value = value + (weight * per_sample).mean()
+            gradient.add_(per_sample_gradient.mul_(weight))
+        # T^2 on the loss; d(z = s / T)/ds = 1 / T; mean over the batch.
+        gradient.mul_(temperature / student_scaled.shape[0])
+    return with_gradient(student_logits, value * temperature**2, gradient)
 
 
 class DKDLoss(LossModule):

@@ -11,10 +11,11 @@ from unikd.losses._common import (
     check_logits,
     check_positive,
     check_target,
+    column_mask,
     full_precision,
-    mask_columns,
-    soft_cross_entropy,
+    non_target_softmax,
     target_class,
+    with_gradient,
 )
 
 
@@ -37,7 +38,7 @@ def nkd_loss(
 
     Args:
         student_logits: (N, C).
-        teacher_logits: (N, C); detached here.
+        teacher_logits: (N, C); no gradient reaches them.
         target: class indices (N,) or probabilities (N, C); probability rows use their argmax as the target class,
             as the released code does.
         temperature: tau of Eq. 4 (1.0 on ImageNet in the paper).
@@ -45,25 +46,41 @@ def nkd_loss(
         validate: check target values (range, rows summing to 1); None: only when on the CPU (no device sync).
 
     Returns:
-        Scalar, mean over the batch.
+        Scalar, mean over the batch. Its gradient is computed in closed form (no double backward).
     """
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits, like=student_logits)
     check_target(target, student_logits, validate)
     check_positive("temperature", temperature)
-    teacher_logits = teacher_logits.detach()
-    target_column = target_class(target).unsqueeze(1)  # (N, 1)
+    with torch.no_grad():
+        student, teacher = student_logits.detach(), teacher_logits.detach()
+        target_column = target_class(target).unsqueeze(1)  # (N, 1)
+        mask = column_mask(student, target_column)
+        student_target, teacher_target = student.gather(1, target_column), teacher.gather(1, target_column)
 
-    # -T_t log S_t: the target part, at temperature 1.
-    teacher_target_prob = F.softmax(teacher_logits, dim=1).gather(1, target_column)
-    student_target_log_prob = F.log_softmax(student_logits, dim=1).gather(1, target_column)
-    loss_target = -(teacher_target_prob * student_target_log_prob).mean()
+        # Target part at temperature 1, from the non-target log-sum-exps: log S_t = -softplus(lse_nt - s_t) and
+        # 1 - S_t = sigmoid(lse_nt - s_t) stay exact when S_t saturates.
+        student_masked, student_log_norm, student_non_target = non_target_softmax(student, mask)
+        _, teacher_log_norm, teacher_non_target = non_target_softmax(teacher, mask)
+        student_log_target = -F.softplus(student_log_norm - student_target)
+        student_rest = torch.sigmoid(student_log_norm - student_target)
+        teacher_target_prob = torch.sigmoid(teacher_target - teacher_log_norm)
+        # d(-T_t log S_t)/ds = T_t (S - onehot) = T_t (1 - S_t) (N(S) - onehot), N(S) the non-target softmax.
+        target_weight = teacher_target_prob * student_rest
+        gradient = target_weight * student_non_target
+        gradient.scatter_add_(1, target_column, -target_weight)
 
-    # Normalised non-target distributions: softmax over the non-target logits only.
-    teacher_non_target = F.softmax(mask_columns(teacher_logits / temperature, target_column), dim=1)
-    student_non_target_logits = mask_columns(student_logits / temperature, target_column)
-    loss_non_target = soft_cross_entropy(student_non_target_logits, teacher_non_target)
-    return loss_target + gamma * temperature**2 * loss_non_target
+        # Non-target part at the temperature (reusing the temperature-1 softmaxes when it is 1).
+        if temperature != 1.0:
+            student_masked, student_log_norm, student_non_target = non_target_softmax(student / temperature, mask)
+            _, _, teacher_non_target = non_target_softmax(teacher / temperature, mask)
+        # -sum_i q_i log p_i = lse_nt - sum_i q_i z_i with q zero at the target.
+        non_target_ce = student_log_norm - (teacher_non_target * student_masked).sum(dim=1, keepdim=True)
+        gradient.add_(student_non_target.sub_(teacher_non_target), alpha=gamma * temperature)
+
+        value = (-teacher_target_prob * student_log_target + gamma * temperature**2 * non_target_ce).mean()
+        gradient.div_(student.shape[0])
+    return with_gradient(student_logits, value, gradient)
 
 
 class NKDLoss(LossModule):
