@@ -183,9 +183,12 @@ def test_teacher_method_without_teacher_logits_fails_clearly(name):
         method(student, _targets()["index"])
 
 
-def test_uskd_without_feature_dim_fails_clearly():
+def test_uskd_without_feature_dim_or_with_a_bad_rank_fails_clearly():
     with pytest.raises(ValueError, match=re.escape("method 'uskd' needs feature_dim")):
         create_method("uskd", NUM_CLASSES)
+    with pytest.raises(ValueError, match=re.escape("method.rank: must be one of 'paper', 'released', got 'paperr'")):
+        create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM, rank="paperr")
+    assert create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM, rank="released").rank == "released"
 
 
 def test_forward_student_returns_what_the_method_asks_for():

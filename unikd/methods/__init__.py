@@ -93,11 +93,12 @@ def create_method(name: str, num_classes: int, feature_dim: int | None = None, *
 
 
 def forward_student(
-    model: nn.Module, images: torch.Tensor, student_output: str | None, layer: str = "mid"
+    model: nn.Module, images: torch.Tensor, student_output: str | None, layer: str | int = "mid"
 ) -> StudentOutput:
     """Run the student once and return what the method asked for (``Method.student_output``).
 
-    ``None``: plain ``model(images)``. ``"feature"``: logits (N, C) and the pooled feature (N, D) at ``layer``.
+    ``None``: plain ``model(images)``. ``"feature"``: logits (N, C) and the pooled feature (N, D) at ``layer`` (see
+    ``unikd.models.forward_with_feature``).
     ``"dense_logits"``: logits (N, C) and the classifier applied at each location of the last feature map (N, L, C).
     """
     if student_output is None:

@@ -13,9 +13,6 @@ class Baseline(Method):
 
     name = "baseline"
 
-    def __init__(self, num_classes: int, feature_dim: int | None = None) -> None:
-        super().__init__(num_classes, feature_dim)
-
     def forward(
         self,
         student: StudentOutput,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from unikd._errors import ConfigError
 from unikd.losses import USKD_RANKS, uskd_loss
 from unikd.methods._ce_plus_term import CEPlusTerm
 from unikd.methods.base import StudentOutput
@@ -43,7 +44,7 @@ class USKD(CEPlusTerm):
                 "get it with unikd.models.feature_dim(model, layer)"
             )
         if rank not in USKD_RANKS:
-            raise ValueError(f"method.rank: must be one of {', '.join(map(repr, USKD_RANKS))}, got {rank!r}")
+            raise ConfigError(f"method.rank: must be one of {', '.join(map(repr, USKD_RANKS))}, got {rank!r}")
         super().__init__(num_classes, feature_dim)
         self.alpha = alpha
         self.beta = beta
