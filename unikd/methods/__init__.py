@@ -50,17 +50,15 @@ __all__ = [
 ]
 
 
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f"did you mean '{close[0]}'? " if close else ""
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _method_class(name: str) -> type[Method]:
     if name not in METHODS:
         valid = sorted(METHODS)
-        raise ConfigError(
-            f"method.name: unknown method '{name}'; {_did_you_mean(name, valid)}valid: {', '.join(valid)}"
-        )
+        raise ConfigError(f"method.name: {name!r} is not one of {', '.join(valid)}{_did_you_mean(name, valid)}")
     return METHODS[name]
 
 
@@ -86,7 +84,7 @@ def create_method(name: str, num_classes: int, feature_dim: int | None = None, *
         if key not in defaults:
             valid = sorted(defaults)
             raise ConfigError(
-                f"method.{key}: unknown hyper-parameter of method '{name}'; {_did_you_mean(key, valid)}"
+                f"method.{key}: unknown hyper-parameter of method '{name}'{_did_you_mean(key, valid)}; "
                 f"valid: {', '.join(valid) or '(none)'}"
             )
     return cls(num_classes, feature_dim, **hparams)

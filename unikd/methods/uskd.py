@@ -44,7 +44,7 @@ class USKD(CEPlusTerm):
                 "get it with unikd.models.feature_dim(model, layer)"
             )
         if rank not in USKD_RANKS:
-            raise ConfigError(f"method.rank: must be one of {', '.join(map(repr, USKD_RANKS))}, got {rank!r}")
+            raise ConfigError(f"method.rank: {rank!r} is not one of {', '.join(USKD_RANKS)}")
         super().__init__(num_classes, feature_dim)
         self.alpha = alpha
         self.beta = beta
