@@ -147,11 +147,23 @@ def test_same_seed_gives_the_same_student_init_and_data_order_across_methods(tmp
 # ---- resume ------------------------------------------------------------------------------------------------------
 
 
+# USKD: its weak head must resume too; default augmentation: random crops/flips drawn in this process.
+RESUME_OVERRIDES = ("method.name=uskd", "data.augment=default", "schedule.warmup_epochs=0.5")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> tuple[dict, Path]:
+    """The uninterrupted reference run of the resume tests."""
+    run = tmp_path_factory.mktemp("straight")
+    return train(tiny_config(run, *RESUME_OVERRIDES)), run
+
+
 @pytest.mark.parametrize("interrupt_at_step", [3, STEPS_PER_EPOCH, 6])
-def test_interrupt_then_resume_is_bit_identical_to_a_straight_run(tmp_path, monkeypatch, interrupt_at_step):
-    # USKD: its weak head must resume too; default augmentation: random crops/flips drawn in this process.
-    overrides = ("method.name=uskd", "data.augment=default", "schedule.warmup_epochs=0.5")
-    straight = train(tiny_config(tmp_path / "straight", *overrides))
+def test_interrupt_then_resume_is_bit_identical_to_a_straight_run(
+    tmp_path, monkeypatch, straight_run, interrupt_at_step
+):
+    straight, straight_dir = straight_run
+    overrides = RESUME_OVERRIDES
 
     def interrupt(call, output):
         if call == interrupt_at_step:
@@ -168,7 +180,7 @@ def test_interrupt_then_resume_is_bit_identical_to_a_straight_run(tmp_path, monk
     monkeypatch.undo()
     resumed = train(tiny_config(tmp_path / "resumed", *overrides), resume=True)
 
-    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    a, b = load_checkpoint(straight_dir / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert b["step"] == 2 * STEPS_PER_EPOCH
     for part in ("model", "method"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -290,7 +291,7 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device,
                     save_checkpoint(make_checkpoint(epoch), last_path)
                 bar.close()
                 metrics_writer.close()
-                _raise_for_signal(stop.signum, last_path)
+                _raise_for_signal(stop.signum, last_path, dist_info.is_main)
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -323,7 +324,7 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device,
                 save_checkpoint(epoch_checkpoint, best_path)
         if stop.signum is not None:  # arrived during evaluation: the epoch's checkpoint is written
             metrics_writer.close()
-            _raise_for_signal(stop.signum, last_path)
+            _raise_for_signal(stop.signum, last_path, dist_info.is_main)
 
     # ---- done ----------------------------------------------------------------------------------------------------
     metrics_writer.close()
@@ -540,9 +541,10 @@ def _graceful_stop():
             signal.signal(signum, previous_handler)
 
 
-def _raise_for_signal(signum: int, last_path: Path) -> None:
+def _raise_for_signal(signum: int, last_path: Path, is_main: bool) -> None:
+    if is_main:
+        print(f"unikd: {signal.Signals(signum).name}: saved {last_path}; continue with --resume", file=sys.stderr)
     if signum == signal.SIGTERM:
-        print(f"unikd: SIGTERM: saved {last_path}; continue with --resume")
         raise SystemExit(128 + signal.SIGTERM)
     raise KeyboardInterrupt(f"interrupted: saved {last_path}; continue with --resume")
 
