@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	bash scripts/ensure_fashion_mnist.sh
 	$(BIN)/python -m unikd.demo
 
 test: $(STAMP)

@@ -133,3 +133,55 @@ def save_soft_label_report(report: list[dict[str, Any]], images: torch.Tensor, o
     figure.savefig(png_path, dpi=100)
     plt.close(figure)
     return [json_path, png_path]
+
+
+def soft_labels_from_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    num_images: int = 8,
+    batch_size: int = 512,
+    overrides: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Soft labels of a USKD training checkpoint on its validation set, written to ``out_dir`` (JSON and PNG).
+
+    The student and its weak head are rebuilt from the checkpoint; the report is computed on the first
+    ``batch_size`` validation images (the soft target uses the batch mean) and keeps the first image of each class
+    in ``class_names``, or else the first ``num_images`` images. ``overrides`` adjust the checkpoint's config, e.g.
+    ``data.root=DIR``.
+    """
+    from unikd._checkpoint import load_checkpoint
+    from unikd._errors import UnikdError
+    from unikd.config import config_from_dict
+    from unikd.data import build_datasets
+    from unikd.methods import create_method
+    from unikd.models import create_model, feature_dim
+
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"], overrides, check_files=False)
+    if cfg.method.name != "uskd":
+        raise UnikdError(f"{checkpoint}: soft labels need a USKD run, this one was trained with {cfg.method.name!r}")
+    bundle = build_datasets(cfg.data)
+    student = create_model(
+        state["model_name"], state["num_classes"], in_chans=bundle.in_chans, **cfg.model.student_kwargs
+    )
+    student.load_state_dict(state["model"])
+    method = create_method(
+        "uskd", state["num_classes"], feature_dim(student, cfg.model.feature_layer), **cfg.method.params
+    )
+    method.load_state_dict(state["method"])
+
+    count = min(batch_size, len(bundle.val))
+    images = torch.stack([bundle.val[i][0] for i in range(count)])
+    targets = torch.tensor([int(bundle.val[i][1]) for i in range(count)])
+    report = soft_label_report(student, method, images, targets, bundle.class_names, layer=cfg.model.feature_layer)
+    if class_names is None:
+        chosen = report[:num_images]
+    else:
+        unknown = [name for name in class_names if name not in bundle.class_names]
+        if unknown:
+            raise UnikdError(f"class names {unknown} are not classes of {cfg.data.name}: {list(bundle.class_names)}")
+        chosen = [next(e for e in report if e["target_name"] == name) for name in class_names]
+    save_soft_label_report(chosen, images, out_dir)
+    return chosen

@@ -1,0 +1,266 @@
+"""Side-by-side benchmarks: several methods, one profile, N paired seeds, honest tables.
+
+    unikd bench fmnist-cpu --out bench_out/fmnist-cpu            # trains, resumes, tabulates
+    unikd bench fmnist-cpu --out DIR --methods baseline uskd --seeds 0 1
+
+A profile names a config per method (``configs/<prefix>_<method>.yaml``), the seeds, and overrides shared by every
+run (epochs, subset sizes). Teacher methods get the profile's teacher, trained once into ``OUT/teacher`` and reused.
+Each run lives in ``OUT/runs/<method>-s<seed>``: a finished run (``final.json``) is not redone, an interrupted one
+(``last.pt``) resumes, so a killed bench continues where it stopped. Seeds are paired: the same seed gives every
+method the same student initialisation and data order, so the per-seed difference to the baseline cancels most of
+the seed-to-seed noise; the table reports it next to the plain mean +- std.
+
+Outputs: ``results.json`` (every run's history and the summary), ``results.md`` (the table), ``curves.png``
+(validation top-1 per epoch) and ``bars.png`` (final top-1 with error bars).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unikd._errors import UnikdError
+
+SELF_KD_METHODS = ("baseline", "ls", "tfkd", "zipf_ls", "uskd")
+TEACHER_METHODS = ("kd", "dkd", "nkd")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A benchmark: the config of each method is ``configs/<config_prefix>_<method>.yaml``."""
+
+    description: str
+    config_prefix: str
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...] = ()
+    teacher_config: str | None = None
+    teacher_overrides: tuple[str, ...] = ()
+    method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+PROFILES: dict[str, Profile] = {
+    "fmnist-cpu": Profile(
+        description="Fashion-MNIST, cifar/smallcnn student, cifar/resnet20 teacher; sized for about an hour on 2 CPU "
+        "cores (a 20k-image training subset, 3 epochs per run).",
+        config_prefix="fmnist",
+        methods=SELF_KD_METHODS + TEACHER_METHODS,
+        seeds=(0, 1, 2),
+        overrides=("train.epochs=3", "data.train_subset=20000", "train.progress=false", "data.num_workers=1"),
+        teacher_config="configs/fmnist_teacher.yaml",
+        teacher_overrides=("train.epochs=4", "data.train_subset=20000"),
+    ),
+    "fmnist-demo": Profile(
+        description="make demo: baseline vs USKD on Fashion-MNIST, one seed, a few epochs on a 30k-image subset.",
+        config_prefix="fmnist",
+        methods=("baseline", "uskd"),
+        seeds=(0,),
+        overrides=("data.train_subset=30000", "data.num_workers=1"),
+    ),
+    "fmnist-gpu": Profile(
+        description="Fashion-MNIST at full length for a GPU: the whole training set, 30 epochs per run, 3 seeds.",
+        config_prefix="fmnist",
+        methods=SELF_KD_METHODS + TEACHER_METHODS,
+        seeds=(0, 1, 2),
+        overrides=("train.epochs=30", "train.progress=false", "train.device=cuda"),
+        teacher_config="configs/fmnist_teacher.yaml",
+        teacher_overrides=("train.epochs=30",),
+    ),
+    "cifar100-kd": Profile(
+        description="CIFAR-100, paper Table 1 pair ResNet32x4 -> ResNet8x4 with the CRD/DKD protocol (240 epochs). "
+        "Needs CIFAR-100 in data.root.",
+        config_prefix="cifar100_res32x4_res8x4",
+        methods=("baseline", "kd", "dkd", "nkd"),
+        seeds=(0, 1, 2),
+        overrides=("train.progress=false",),
+        teacher_config="configs/cifar100_teacher_resnet32x4.yaml",
+    ),
+    "cifar100-selfkd": Profile(
+        description="CIFAR-100, paper Table 2 self-KD with ResNet18 (200 epochs). Needs CIFAR-100 in data.root.",
+        config_prefix="cifar100_resnet18",
+        methods=SELF_KD_METHODS,
+        seeds=(0, 1, 2),
+        overrides=("train.progress=false",),
+    ),
+}
+
+
+def config_path(relative: str) -> Path:
+    """A config shipped in the repository's ``configs/``: looked up from the working directory, then the source tree."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (base / relative).is_file():
+            return base / relative
+    raise UnikdError(f"config {relative} not found; run from the unikd repository root (it holds configs/)")
+
+
+def run_training(config: str, overrides: list[str], output_dir: Path) -> dict:
+    """Train one run unless it has finished (``final.json``); resume it if it was interrupted (``last.pt``)."""
+    from unikd.config import load_config
+    from unikd.train import train
+
+    final = output_dir / "final.json"
+    if final.is_file():
+        return json.loads(final.read_text())
+    cfg = load_config(config_path(config), [*overrides, f"output_dir={output_dir}"])
+    return train(cfg, resume=(output_dir / "last.pt").is_file())
+
+
+def run_bench(
+    profile_name: str,
+    out_dir: str | Path,
+    *,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    overrides: list[str] = (),
+    log=print,
+) -> dict:
+    """Run (or resume) every (method, seed) of the profile, then write the results; returns the summary dict."""
+    profile = get_profile(profile_name)
+    methods = list(methods or profile.methods)
+    unknown = [m for m in methods if m not in profile.methods]
+    if unknown:
+        raise UnikdError(f"--methods: {unknown} not in profile {profile_name} ({', '.join(profile.methods)})")
+    if "baseline" not in methods:
+        methods.insert(0, "baseline")  # every delta is to the baseline of the same seed
+    seeds = list(profile.seeds if seeds is None else seeds)
+    out_dir = Path(out_dir)
+
+    teacher_checkpoint = None
+    if any(m in TEACHER_METHODS for m in methods):
+        if profile.teacher_config is None:
+            raise UnikdError(f"profile {profile_name} has no teacher for {', '.join(TEACHER_METHODS)}")
+        log(f"[bench] teacher: {profile.teacher_config} -> {out_dir / 'teacher'}")
+        teacher = run_training(
+            profile.teacher_config, [*profile.overrides, *profile.teacher_overrides, *overrides], out_dir / "teacher"
+        )
+        log(f"[bench] teacher top-1 {teacher['best_top1']:.2f}")
+        teacher_checkpoint = out_dir / "teacher" / "best.pt"
+
+    runs = []
+    for seed in seeds:
+        for method in methods:
+            run_overrides = [*profile.overrides, *profile.method_overrides.get(method, ()), f"train.seed={seed}"]
+            if method in TEACHER_METHODS:
+                run_overrides.append(f"model.teacher_checkpoint={teacher_checkpoint}")
+            run_dir = out_dir / "runs" / f"{method}-s{seed}"
+            log(f"[bench] {method} seed {seed} -> {run_dir}")
+            result = run_training(
+                f"configs/{profile.config_prefix}_{method}.yaml", [*run_overrides, *overrides], run_dir
+            )
+            log(f"[bench] {method} seed {seed}: last top-1 {result['last_top1']:.2f}")
+            runs.append({"method": method, "seed": seed, **result})
+
+    summary = summarize(runs, methods)
+    results = {"profile": profile_name, "description": profile.description, "summary": summary, "runs": runs}
+    if teacher_checkpoint is not None:
+        results["teacher_top1"] = teacher["best_top1"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown_table(summary, profile_name, seeds) + "\n")
+    plot_results(runs, summary, out_dir)
+    return results
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(PROFILES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnikdError(f"profile: {name!r} is not one of {', '.join(PROFILES)}{hint}")
+    return PROFILES[name]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
+    """One row per method: last-epoch top-1 mean/std, the paired delta to the baseline, best epoch, time, memory."""
+    by_method = {m: sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
+    baseline_by_seed = {r["seed"]: r for r in by_method["baseline"]}
+    baseline_time = statistics.fmean(e["epoch_time_s"] for r in by_method["baseline"] for e in r["history"])
+    rows = []
+    for method, method_runs in by_method.items():
+        if not method_runs:
+            continue
+        last = [r["last_top1"] for r in method_runs]
+        best = [r["best_top1"] for r in method_runs]
+        deltas = [r["last_top1"] - baseline_by_seed[r["seed"]]["last_top1"] for r in method_runs]
+        epoch_time = statistics.fmean(e["epoch_time_s"] for r in method_runs for e in r["history"])
+        rows.append(
+            {
+                "method": method,
+                "seeds": [r["seed"] for r in method_runs],
+                "last_top1": _mean_std(last),
+                "best_top1": _mean_std(best),
+                "best_epoch": [r["best_epoch"] for r in method_runs],
+                "delta_to_baseline": _mean_std(deltas),
+                "deltas": deltas,
+                "epoch_time_s": epoch_time,
+                "time_ratio": epoch_time / baseline_time,
+                "peak_mem_mb": max(e.get("peak_mem_mb", 0.0) for r in method_runs for e in r["history"]),
+            }
+        )
+    return rows
+
+
+def markdown_table(summary: list[dict], profile_name: str, seeds: list[int]) -> str:
+    lines = [
+        f"Profile `{profile_name}`, seeds {seeds}. Top-1 in %, mean +- std over seeds; delta: per-seed difference to "
+        "the baseline of the same seed (paired), mean +- std. Best epoch per seed (0-based).",
+        "",
+        "| method | last top-1 | best top-1 | delta to baseline (paired) | best epoch | epoch time s | time ratio | "
+        "peak mem MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+        (last, last_std), (best, best_std), (delta, delta_std) = (
+            row["last_top1"],
+            row["best_top1"],
+            row["delta_to_baseline"],
+        )
+        lines.append(
+            f"| {row['method']} | {last:.2f} +- {last_std:.2f} | {best:.2f} +- {best_std:.2f} | "
+            f"{delta:+.2f} +- {delta_std:.2f} | {', '.join(map(str, row['best_epoch']))} | {row['epoch_time_s']:.1f} | "
+            f"{row['time_ratio']:.2f} | {row['peak_mem_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_results(runs: list[dict], summary: list[dict], out_dir: Path) -> None:
+    """``curves.png``: mean validation top-1 per epoch (band: min-max over seeds); ``bars.png``: last top-1 +- std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for row in summary:
+        curves = [[e["top1"] for e in r["history"]] for r in runs if r["method"] == row["method"]]
+        length = min(len(c) for c in curves)
+        epochs = list(range(1, length + 1))
+        columns = [[c[i] for c in curves] for i in range(length)]
+        axis.plot(epochs, [statistics.fmean(c) for c in columns], marker="o", label=row["method"])
+        axis.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.15)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("validation top-1 (%)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out_dir / "curves.png", dpi=100)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    names = [row["method"] for row in summary]
+    means = [row["last_top1"][0] for row in summary]
+    axis.bar(names, means, yerr=[row["last_top1"][1] for row in summary], capsize=4, color="tab:blue", alpha=0.8)
+    low = min(m - row["last_top1"][1] for m, row in zip(means, summary))
+    axis.set_ylim(low - 1.0, max(means) + 1.0)
+    axis.set_ylabel("last-epoch top-1 (%), mean +- std over seeds")
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out_dir / "bars.png", dpi=100)
+    plt.close(figure)
