@@ -47,6 +47,12 @@ class MetricsWriter:
                 if key not in ("step", "epoch", "split") and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
 
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

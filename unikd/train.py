@@ -14,15 +14,19 @@ Determinism: the same ``train.seed`` gives the same student initialisation and t
 method (the student is built right after seeding, before the method; each epoch's order is a function of
 (seed, epoch)), which pairs runs across methods. ``train.deterministic`` also asks torch for deterministic kernels.
 
-Interrupts: the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current step; it saves a resumable
+Interrupts: the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current training step (one that
+arrives during evaluation takes effect at the next step; all ranks agree on the step); it saves a resumable
 ``last.pt`` (mid-epoch position included) and raises ``KeyboardInterrupt`` for SIGINT (the CLI exits 130) or
-``SystemExit(143)`` for SIGTERM. A second Ctrl-C aborts at once. ``--resume`` (``train(cfg, resume=True)``) continues
-from ``last.pt``: on CPU with ``data.num_workers=0`` the resumed run is bit-identical to an uninterrupted one; with
-data workers the data order is identical but the workers' augmentation randomness is re-seeded.
+``SystemExit(143)`` for SIGTERM. A second Ctrl-C aborts at once. Data workers ignore both signals.
+
+Resume: ``--resume`` (``train(cfg, resume=True)``) continues from ``last.pt``. On CPU with ``data.num_workers=0``
+the resumed run is bit-identical to an uninterrupted one; with data workers the data order is identical but the
+workers' augmentation randomness is re-seeded.
 
 Distributed: under torchrun each rank takes ``train.batch_size / world_size`` images per step; the student and the
 method are wrapped in DDP (the frozen teacher is not); metrics are all-reduced and only rank 0 writes files. Plain
-BatchNorm keeps per-rank batch statistics, so N ranks match one process exactly only for BatchNorm-free models.
+BatchNorm keeps per-rank batch statistics (and USKD's target term a per-rank batch mean, as in its released
+multi-GPU code), so N ranks match one process only for BatchNorm-free models and per-sample losses.
 """
 
 from __future__ import annotations
@@ -229,105 +233,105 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device,
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     metrics_writer = MetricsWriter(output_dir, enabled=dist_info.is_main, tensorboard=cfg.train.tensorboard)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        batches_done = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
-        train_sampler.set_epoch(epoch)
-        train_sampler.start = batches_done * per_rank_batch
-        epoch_train_time = run_metrics["epoch_train_time_s"] if batches_done else 0.0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        model.train()
-        bar = progress_bar(steps_per_epoch, batches_done, f"epoch {epoch}", cfg.train.progress and dist_info.is_main)
-        window_terms: dict[str, torch.Tensor] = {}
-        window_steps, window_start = 0, time.perf_counter()
-        epoch_start = time.perf_counter()
-        batches = iter(train_loader)
-        for batch_index in range(batches_done, steps_per_epoch):
-            images, target = next(batches)
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            target = target.to(device, non_blocking=True)
-            with autocast():
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images).float()
-                terms = model(images, target, teacher_logits, epoch + batch_index / steps_per_epoch)
-            loss = sum(terms.values())
+    with metrics_writer:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            batches_done = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+            train_sampler.set_epoch(epoch)
+            train_sampler.start = batches_done * per_rank_batch
+            epoch_train_time = run_metrics["epoch_train_time_s"] if batches_done else 0.0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            model.train()
+            bar = progress_bar(
+                steps_per_epoch, batches_done, f"epoch {epoch}", cfg.train.progress and dist_info.is_main
+            )
+            window_terms: dict[str, torch.Tensor] = {}
+            window_steps, window_start = 0, time.perf_counter()
+            epoch_start = time.perf_counter()
+            batches = iter(train_loader)
+            for batch_index in range(batches_done, steps_per_epoch):
+                images, target = next(batches)
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                target = target.to(device, non_blocking=True)
+                with autocast():
+                    teacher_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(images).float()
+                    terms = model(images, target, teacher_logits, epoch + batch_index / steps_per_epoch)
+                loss = sum(terms.values())
 
-            # One check per step, agreed by all ranks, before the backward pass: a non-finite loss stops the run
-            # (the last checkpoint stays as it was), a stop request stops it after this step.
-            stop_requested = stop.signum is not None
-            if cfg.train.nan_check or dist_info.is_distributed:
-                flags = torch.stack([~torch.isfinite(loss.detach()), torch.tensor(stop_requested, device=device)])
-                flags = flags.float()
-                flags = all_reduce(flags, op="max").tolist() if dist_info.is_distributed else flags.tolist()
-                if cfg.train.nan_check and flags[0]:
-                    raise UnikdError(_non_finite_message(terms, step + 1, epoch, last_path))
-                stop_requested = bool(flags[1])
+                # One check per step, agreed by all ranks, before the backward pass: a non-finite loss stops the run
+                # (the last checkpoint stays as it was), a stop request stops it after this step.
+                stop_requested = stop.signum is not None
+                if cfg.train.nan_check or dist_info.is_distributed:
+                    flags = torch.stack([~torch.isfinite(loss.detach()), torch.tensor(stop_requested, device=device)])
+                    flags = flags.float()
+                    flags = all_reduce(flags, op="max").tolist() if dist_info.is_distributed else flags.tolist()
+                    if cfg.train.nan_check and flags[0]:
+                        raise UnikdError(_non_finite_message(terms, step + 1, epoch, last_path))
+                    stop_requested = bool(flags[1])
 
-            optimizer_step(loss, optimizer, scaler, trainable_params, cfg.optim.clip_grad_norm)
-            scheduler.step()
-            step += 1
-            bar.update(1)
+                optimizer_step(loss, optimizer, scaler, trainable_params, cfg.optim.clip_grad_norm)
+                scheduler.step()
+                step += 1
+                bar.update(1)
 
-            for name, value in terms.items():
-                window_terms[name] = window_terms.get(name, 0.0) + value.detach().float()
-            window_steps += 1
-            if step % cfg.train.log_every == 0 or batch_index == steps_per_epoch - 1:
-                names = [*window_terms, "loss"]
-                sums = torch.stack([*window_terms.values(), sum(window_terms.values())])
-                means = (all_reduce(sums) / (world * window_steps)).tolist()
-                images_per_s = window_steps * cfg.train.batch_size / (time.perf_counter() - window_start)
-                record = {"split": "train", "step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-                record.update(zip(names, means))
-                record["images_per_s"] = images_per_s
+                for name, value in terms.items():
+                    window_terms[name] = window_terms.get(name, 0.0) + value.detach().float()
+                window_steps += 1
+                if step % cfg.train.log_every == 0 or batch_index == steps_per_epoch - 1:
+                    names = [*window_terms, "loss"]
+                    sums = torch.stack([*window_terms.values(), sum(window_terms.values())])
+                    means = (all_reduce(sums) / (world * window_steps)).tolist()
+                    images_per_s = window_steps * cfg.train.batch_size / (time.perf_counter() - window_start)
+                    record = {"split": "train", "step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+                    record.update(zip(names, means))
+                    record["images_per_s"] = images_per_s
+                    metrics_writer.write(record)
+                    bar.set_postfix(
+                        {**dict(zip(names, means)), "lr": record["lr"], "img/s": images_per_s}, refresh=False
+                    )
+                    window_terms, window_steps, window_start = {}, 0, time.perf_counter()
+
+                if stop_requested:
+                    run_metrics["epoch_train_time_s"] = epoch_train_time + time.perf_counter() - epoch_start
+                    if dist_info.is_main:
+                        save_checkpoint(make_checkpoint(epoch), last_path)
+                    bar.close()
+                    _raise_for_signal(stop.signum, last_path, dist_info.is_main)
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            epoch_train_time += time.perf_counter() - epoch_start
+            run_metrics["epoch_train_time_s"] = 0.0
+
+            # ---- evaluation and checkpoints ------------------------------------------------------------------------
+            is_best = False
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                val = evaluate(eval_model, val_loader, device, amp_dtype=amp_dtype, memory_format=memory_format)
+                record = {
+                    "split": "val",
+                    "step": step,
+                    "epoch": epoch,
+                    "top1": val["top1"],
+                    "top5": val["top5"],
+                    "val_loss": val["loss"],
+                    "epoch_time_s": epoch_train_time,
+                    "peak_mem_mb": peak_memory_mb(device),
+                }
                 metrics_writer.write(record)
-                bar.set_postfix({**dict(zip(names, means)), "lr": record["lr"], "img/s": images_per_s}, refresh=False)
-                window_terms, window_steps, window_start = {}, 0, time.perf_counter()
-
-            if stop_requested:
-                run_metrics["epoch_train_time_s"] = epoch_train_time + time.perf_counter() - epoch_start
-                if dist_info.is_main:
-                    save_checkpoint(make_checkpoint(epoch), last_path)
-                bar.close()
-                metrics_writer.close()
-                _raise_for_signal(stop.signum, last_path, dist_info.is_main)
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_train_time += time.perf_counter() - epoch_start
-        run_metrics["epoch_train_time_s"] = 0.0
-
-        # ---- evaluation and checkpoints ------------------------------------------------------------------------
-        is_best = False
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            val = evaluate(eval_model, val_loader, device, amp_dtype=amp_dtype, memory_format=memory_format)
-            record = {
-                "split": "val",
-                "step": step,
-                "epoch": epoch,
-                "top1": val["top1"],
-                "top5": val["top5"],
-                "val_loss": val["loss"],
-                "epoch_time_s": epoch_train_time,
-                "peak_mem_mb": peak_memory_mb(device),
-            }
-            metrics_writer.write(record)
-            run_metrics["history"].append({k: v for k, v in record.items() if k != "split"})
-            is_best = run_metrics["best_top1"] is None or val["top1"] > run_metrics["best_top1"]
-            if is_best:
-                run_metrics["best_top1"], run_metrics["best_epoch"] = val["top1"], epoch
-        if dist_info.is_main:
-            epoch_checkpoint = make_checkpoint(epoch + 1)
-            save_checkpoint(epoch_checkpoint, last_path)
-            if is_best:
-                save_checkpoint(epoch_checkpoint, best_path)
-        if stop.signum is not None:  # arrived during evaluation: the epoch's checkpoint is written
-            metrics_writer.close()
-            _raise_for_signal(stop.signum, last_path, dist_info.is_main)
+                run_metrics["history"].append({k: v for k, v in record.items() if k != "split"})
+                is_best = run_metrics["best_top1"] is None or val["top1"] > run_metrics["best_top1"]
+                if is_best:
+                    run_metrics["best_top1"], run_metrics["best_epoch"] = val["top1"], epoch
+            if dist_info.is_main:
+                epoch_checkpoint = make_checkpoint(epoch + 1)
+                save_checkpoint(epoch_checkpoint, last_path)
+                if is_best:
+                    save_checkpoint(epoch_checkpoint, best_path)
 
     # ---- done ----------------------------------------------------------------------------------------------------
-    metrics_writer.close()
     history = run_metrics["history"]
     result = {
         "best_top1": run_metrics["best_top1"],
