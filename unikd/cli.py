@@ -31,7 +31,10 @@ def _train(args: argparse.Namespace) -> None:
     metrics = train(cfg, resume=args.resume)
     print(f"unikd train: finished, outputs in {cfg.output_dir}")
     for key, value in metrics.items():
-        print(f"  {key:<12} {value:.4f}" if isinstance(value, float) else f"  {key:<12} {value}")
+        if isinstance(value, float):
+            print(f"  {key:<12} {value:.4f}")
+        elif isinstance(value, int | str):  # lists such as the per-epoch history are in final.json
+            print(f"  {key:<12} {value}")
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -1,0 +1,261 @@
+"""The ``unikd`` command: help, exit codes and one-line errors, and end-to-end runs of every method on tiny data.
+
+End-to-end tests (``slow``) train through ``main([...])`` on the learnable datasets of conftest.py, in each real
+format, and read the engine's ``metrics.jsonl``: train records ``{"split": "train", "step", "epoch", "lr", <terms>,
+"loss", ...}`` and eval records ``{"split": "val", "top1", "top5", "val_loss", "epoch", ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unikd import cli
+from unikd.methods import METHODS
+from unikd.models import load_state_dict_file
+
+REPO = Path(__file__).parents[1]
+COMMANDS = ["train", "eval", "export", "config"]
+
+
+def _run_module(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "unikd", *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    status = cli.main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+# ---- help and errors --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)], ids=["unikd", *COMMANDS])
+def test_help_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: unikd {' '.join(command)}".rstrip())
+
+
+def test_python_m_unikd_works_the_same():
+    result = _run_module("--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: unikd ")
+    for name in COMMANDS:
+        assert name in result.stdout
+
+
+def test_config_error_in_a_subprocess_is_one_line_exit_2_without_traceback(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  epoch: 3\n")
+    result = _run_module("train", str(config))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "unikd: error: train.epoch: unknown key (did you mean 'train.epochs'?)\n"
+
+
+def test_missing_config_file_in_a_subprocess():
+    result = _run_module("config", "missing.yaml", "train.epochs=2")
+    assert (result.returncode, result.stderr) == (2, "unikd: error: config file not found: missing.yaml\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["config", "{config}", "optim.name=sgdd"],
+            "optim.name: 'sgdd' is not one of adamw, sgd (did you mean 'sgd'?)",
+        ),
+        (["train", "{config}", "train.epochs"], "override 'train.epochs': expected key=value, e.g. train.epochs=5"),
+        (
+            ["train", "{config}", "method.name=kd"],
+            "model.teacher: method 'kd' needs a teacher (e.g. model.teacher=cifar/resnet32x4 "
+            "model.teacher_checkpoint=PATH)",
+        ),
+        (["eval", "{tmp}/missing.pt"], "checkpoint not found: {tmp}/missing.pt"),
+        (["export", "{tmp}/missing.pt", "{tmp}/out.pt"], "checkpoint not found: {tmp}/missing.pt"),
+        (
+            ["export", "{tmp}/missing.pt", "{tmp}/out.onnx"],
+            "OUT: {tmp}/out.onnx must end with one of .pt, .pth, .safetensors",
+        ),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(args, message, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: runs/x\n")
+    args = [arg.format(config=config, tmp=tmp_path) for arg in args]
+    assert _main(capsys, *args) == (2, "", f"unikd: error: {message.format(tmp=tmp_path)}\n")
+
+
+def test_bad_usage_is_argparse_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: CONFIG" in capsys.readouterr().err
+
+
+def test_warnings_are_one_line(tmp_path, capsys):
+    status, _, err = _main(capsys, "config", os.devnull, "model.teacher=cifar/resnet20")
+    assert (
+        status == 0 and err == "unikd: warning: model.teacher: method 'baseline' does not use a teacher; ignoring it\n"
+    )
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("unikd.config.load_config", interrupted)
+    assert _main(capsys, "config", os.devnull) == (130, "", "unikd: interrupted\n")
+
+
+def test_config_prints_the_resolved_yaml(capsys):
+    from unikd.config import dump_config, load_config
+
+    status, out, _ = _main(capsys, "config", str(REPO / "configs/fmnist_uskd.yaml"), "train.epochs=3")
+    assert status == 0 and out == dump_config(load_config(REPO / "configs/fmnist_uskd.yaml", ["train.epochs=3"]))
+    assert "  alpha: 0.1\n" in out and "  epochs: 3\n" in out
+
+
+# ---- plumbing to the engine (engine stubbed) --------------------------------------------------------------------
+
+
+def test_train_passes_config_overrides_and_resume(monkeypatch, capsys):
+    calls = []
+
+    def fake_train(cfg, *, resume=False):
+        calls.append((cfg, resume))
+        return {"best_top1": 91.25, "best_epoch": 3, "history": [{"top1": 91.25}]}
+
+    monkeypatch.setattr("unikd.train.train", fake_train)
+    status, out, _ = _main(capsys, "train", str(REPO / "configs/fmnist_baseline.yaml"), "train.epochs=2", "--resume")
+    ((cfg, resume),) = calls
+    assert status == 0 and resume and cfg.train.epochs == 2 and cfg.output_dir == "runs/fmnist_baseline"
+    assert out == "unikd train: finished, outputs in runs/fmnist_baseline\n  best_top1    91.2500\n  best_epoch   3\n"
+
+
+def test_eval_passes_overrides_and_data(monkeypatch, capsys):
+    calls = []
+
+    def fake_evaluate(path, overrides):
+        calls.append((path, overrides))
+        return {"top1": 90.5, "top5": 99.75, "loss": 0.31234}
+
+    monkeypatch.setattr("unikd.train.evaluate_checkpoint", fake_evaluate)
+    status, out, _ = _main(capsys, "eval", "run/best.pt", "data.name=mnist", "--data", "/data/mnist")
+    assert status == 0 and calls == [("run/best.pt", ["data.name=mnist", "data.root=/data/mnist"])]
+    assert out == "top-1 90.50  top-5 99.75  loss 0.3123\n"
+
+
+# ---- end to end -------------------------------------------------------------------------------------------------
+
+TINY = [
+    "train.epochs=3",
+    "train.batch_size=25",  # 200 training images: 8 steps per epoch
+    "train.eval_batch_size=100",
+    "train.log_every=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.device=cpu",
+    "data.num_workers=0",
+    "optim.lr=0.05",
+]
+
+
+def _train(capsys, tmp_path: Path, name: str, *overrides: str) -> Path:
+    output_dir = tmp_path / name
+    capsys.readouterr()  # drop what fixtures printed
+    status, out, err = _main(capsys, "train", os.devnull, *TINY, f"output_dir={output_dir}", *overrides)
+    assert status == 0, err
+    assert out.startswith(f"unikd train: finished, outputs in {output_dir}\n")
+    return output_dir
+
+
+def _records(output_dir: Path, split: str) -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record.get("split") == split]
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(fashion_mnist_root, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("teacher") / "run"
+    args = [*TINY, "train.epochs=6", "optim.lr=0.1", f"data.root={fashion_mnist_root}", f"output_dir={output_dir}"]
+    assert cli.main(["train", os.devnull, *args]) == 0
+    return output_dir / "best.pt"
+
+
+# Every method on at least one real format; the teacher methods share one Fashion-MNIST teacher.
+E2E = [
+    ("baseline", "fashion_mnist_root", "fashion_mnist"),
+    ("uskd", "fashion_mnist_root", "fashion_mnist"),
+    ("kd", "fashion_mnist_root", "fashion_mnist"),
+    ("dkd", "fashion_mnist_root", "fashion_mnist"),
+    ("nkd", "fashion_mnist_root", "fashion_mnist"),
+    ("wsld", "fashion_mnist_root", "fashion_mnist"),
+    ("ls", "cifar10_root", "cifar10"),
+    ("uskd", "cifar100_root", "cifar100"),
+    ("zipf_ls", "cifar100_root", "cifar100"),
+    ("tfkd", "imagefolder_root", "imagefolder"),
+    ("baseline", "fashion_mnist_plain_root", "mnist"),
+]
+
+
+def test_e2e_covers_every_method_and_format():
+    assert {method for method, _, _ in E2E} == set(METHODS)
+    assert {dataset for _, _, dataset in E2E} >= {"fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "root_fixture", "dataset"), E2E, ids=[f"{m}-{d}" for m, _, d in E2E])
+def test_every_method_trains_and_its_losses_fall(method, root_fixture, dataset, request, tmp_path, capsys):
+    overrides = [f"data.name={dataset}", f"data.root={request.getfixturevalue(root_fixture)}", f"method.name={method}"]
+    if dataset == "imagefolder":
+        overrides.append("data.img_size=32")
+    if METHODS[method].needs_teacher:
+        teacher = request.getfixturevalue("teacher_checkpoint")
+        overrides += ["model.teacher=cifar/smallcnn", f"model.teacher_checkpoint={teacher}"]
+    output_dir = _train(capsys, tmp_path, method, *overrides)
+
+    steps = _records(output_dir, "train")
+    assert [record["step"] for record in steps] == list(range(1, len(steps) + 1)) and len(steps) >= 9
+    terms = set(steps[0]) - {"split", "step", "epoch", "lr", "loss", "images_per_s"}
+    assert terms, "no loss terms logged"
+    for record in steps:
+        assert all(math.isfinite(record[name]) for name in [*terms, "loss"]), record
+    # Several terms (KD, NKD) are cross-entropy forms with a constant floor, so compare windows, not ratios.
+    for name in {"loss", "loss_ce"} & set(steps[0]):
+        first, last = (sum(record[name] for record in part) / 3 for part in (steps[:3], steps[-3:]))
+        assert last < first, f"{method} on {dataset}: {name} {first:.4f} -> {last:.4f}"
+    evaluations = _records(output_dir, "val")
+    assert [record["epoch"] for record in evaluations] == [0, 1, 2]
+    assert all(0 <= record["top1"] <= record["top5"] <= 100 for record in evaluations)
+    assert (output_dir / "config.yaml").is_file() and (output_dir / "best.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_export_then_eval_gives_the_same_accuracy(suffix, fashion_mnist_root, tmp_path, capsys):
+    output_dir = _train(capsys, tmp_path, "uskd", f"data.root={fashion_mnist_root}", "method.name=uskd")
+    checkpoint_path = output_dir / "best.pt"
+    status, eval_out, _ = _main(capsys, "eval", str(checkpoint_path))
+    assert status == 0 and eval_out.startswith("top-1 ")
+
+    exported = tmp_path / f"student{suffix}"
+    status, out, _ = _main(capsys, "export", str(checkpoint_path), str(exported))
+    assert status == 0 and out.startswith("wrote cifar/smallcnn (") and out.endswith(f"to {exported}\n")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    weights = load_state_dict_file(exported)
+    assert weights.keys() == checkpoint["model"].keys()  # the student only: USKD's weak head is not exported
+    assert all(torch.equal(weights[key], value) for key, value in checkpoint["model"].items())
+
+    # The exported weights, put back into a checkpoint, score exactly what the original did.
+    torch.save({**checkpoint, "model": weights}, tmp_path / "reloaded.pt")
+    assert _main(capsys, "eval", str(tmp_path / "reloaded.pt"))[1] == eval_out
