@@ -29,58 +29,72 @@ TEACHER_METHODS = ("kd", "dkd", "nkd")
 
 @dataclass(frozen=True)
 class Profile:
-    """A benchmark: the config of each method is ``configs/<config_prefix>_<method>.yaml``."""
+    """A benchmark: which config trains each method, the seeds, and the overrides every run shares.
+
+    ``configs`` maps a method to its config file. ``method_sections`` optionally replaces a config's whole ``method``
+    section for a method, so that one protocol config (say a CIFAR-100 teacher-student pair) serves every method.
+    """
 
     description: str
-    config_prefix: str
-    methods: tuple[str, ...]
+    configs: dict[str, str]
     seeds: tuple[int, ...]
     overrides: tuple[str, ...] = ()
+    method_sections: dict[str, dict] = field(default_factory=dict)
     teacher_config: str | None = None
     teacher_overrides: tuple[str, ...] = ()
-    method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(self.configs)
+
+
+def _per_method_configs(prefix: str, methods: tuple[str, ...]) -> dict[str, str]:
+    return {method: f"configs/{prefix}_{method}.yaml" for method in methods}
+
+
+# Released/paper hyper-parameters of the CIFAR-100 KD baselines (CRD/DKD protocol, as in mdistiller).
+_CIFAR_KD_SECTIONS = {
+    "baseline": {"name": "baseline"},
+    "kd": {"name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
+    "dkd": {"name": "dkd", "temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20.0},
+}
 
 PROFILES: dict[str, Profile] = {
     "fmnist-cpu": Profile(
         description="Fashion-MNIST, cifar/smallcnn student, cifar/resnet20 teacher; sized for about an hour on 2 CPU "
         "cores (a 20k-image training subset, 3 epochs per run).",
-        config_prefix="fmnist",
-        methods=SELF_KD_METHODS + TEACHER_METHODS,
+        configs=_per_method_configs("fmnist", SELF_KD_METHODS + TEACHER_METHODS),
         seeds=(0, 1, 2),
         overrides=("train.epochs=3", "data.train_subset=20000", "train.progress=false", "data.num_workers=1"),
         teacher_config="configs/fmnist_teacher.yaml",
-        teacher_overrides=("train.epochs=4", "data.train_subset=20000"),
+        teacher_overrides=("train.epochs=4",),
     ),
     "fmnist-demo": Profile(
         description="make demo: baseline vs USKD on Fashion-MNIST, one seed, a few epochs on a 30k-image subset.",
-        config_prefix="fmnist",
-        methods=("baseline", "uskd"),
+        configs=_per_method_configs("fmnist", ("baseline", "uskd")),
         seeds=(0,),
         overrides=("data.train_subset=30000", "data.num_workers=1"),
     ),
     "fmnist-gpu": Profile(
         description="Fashion-MNIST at full length for a GPU: the whole training set, 30 epochs per run, 3 seeds.",
-        config_prefix="fmnist",
-        methods=SELF_KD_METHODS + TEACHER_METHODS,
+        configs=_per_method_configs("fmnist", SELF_KD_METHODS + TEACHER_METHODS),
         seeds=(0, 1, 2),
-        overrides=("train.epochs=30", "train.progress=false", "train.device=cuda"),
+        overrides=("train.epochs=30", "train.progress=false", "train.device=cuda", "data.num_workers=4"),
         teacher_config="configs/fmnist_teacher.yaml",
-        teacher_overrides=("train.epochs=30",),
     ),
     "cifar100-kd": Profile(
-        description="CIFAR-100, paper Table 1 pair ResNet32x4 -> ResNet8x4 with the CRD/DKD protocol (240 epochs). "
-        "Needs CIFAR-100 in data.root.",
-        config_prefix="cifar100_res32x4_res8x4",
-        methods=("baseline", "kd", "dkd", "nkd"),
+        description="CIFAR-100, paper Table 1 pair ResNet32x4 -> ResNet8x4, CRD/DKD protocol (240 epochs, 3 seeds); "
+        "KD, DKD and NKD from one teacher trained by configs/cifar100_teacher_resnet32x4.yaml. Needs CIFAR-100.",
+        configs={m: "configs/cifar100_kd_resnet32x4_resnet8x4.yaml" for m in ("baseline", "kd", "dkd", "nkd")},
+        method_sections=_CIFAR_KD_SECTIONS,
         seeds=(0, 1, 2),
         overrides=("train.progress=false",),
         teacher_config="configs/cifar100_teacher_resnet32x4.yaml",
     ),
     "cifar100-selfkd": Profile(
-        description="CIFAR-100, paper Table 2 self-KD with ResNet18 (200 epochs). Needs CIFAR-100 in data.root.",
-        config_prefix="cifar100_resnet18",
-        methods=SELF_KD_METHODS,
+        description="CIFAR-100, paper Table 2 self-KD with ResNet18 (200 epochs, 3 seeds). Needs CIFAR-100.",
+        configs={m: "configs/cifar100_selfkd_resnet18.yaml" for m in SELF_KD_METHODS},
+        method_sections={m: {"name": m} for m in SELF_KD_METHODS if m != "uskd"},
         seeds=(0, 1, 2),
         overrides=("train.progress=false",),
     ),
@@ -95,15 +109,20 @@ def config_path(relative: str) -> Path:
     raise UnikdError(f"config {relative} not found; run from the unikd repository root (it holds configs/)")
 
 
-def run_training(config: str, overrides: list[str], output_dir: Path) -> dict:
+def run_training(config: str, overrides: list[str], output_dir: Path, method_section: dict | None = None) -> dict:
     """Train one run unless it has finished (``final.json``); resume it if it was interrupted (``last.pt``)."""
-    from unikd.config import load_config
+    import yaml
+
+    from unikd.config import config_from_dict
     from unikd.train import train
 
     final = output_dir / "final.json"
     if final.is_file():
         return json.loads(final.read_text())
-    cfg = load_config(config_path(config), [*overrides, f"output_dir={output_dir}"])
+    raw = yaml.safe_load(config_path(config).read_text()) or {}
+    if method_section is not None:
+        raw["method"] = dict(method_section)
+    cfg = config_from_dict(raw, [*overrides, f"output_dir={output_dir}"])
     return train(cfg, resume=(output_dir / "last.pt").is_file())
 
 
