@@ -85,7 +85,8 @@ def test_train_writes_the_run_directory_and_eval_checkpoint_agrees(tmp_path, mon
         torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: clip_calls.append(max_norm) or real_clip(p, max_norm)
     )
     run = tmp_path / "run"
-    result = train(tiny_config(run, "method.name=uskd", "optim.clip_grad_norm=2.0", "train.tensorboard=true"))
+    overrides = ("method.name=uskd", "optim.clip_grad_norm=2.0", "train.tensorboard=true", "train.progress=true")
+    result = train(tiny_config(run, *overrides))
 
     assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.jsonl", "tb", "last.pt", "best.pt", "final.json"}
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
@@ -98,6 +99,7 @@ def test_train_writes_the_run_directory_and_eval_checkpoint_agrees(tmp_path, mon
     train_records = [r for r in records if r["split"] == "train"]
     val_records = [r for r in records if r["split"] == "val"]
     assert [r["step"] for r in train_records] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert train_records[0]["lr"] == 0.05  # the rate the step used (cosine, no warm-up: the base rate first)
     assert set(train_records[0]) == {"split", "step", "epoch", "lr", "loss_ce", "loss_uskd", "loss", "images_per_s"}
     assert all(
         math.isfinite(r["loss"]) and r["loss"] == pytest.approx(r["loss_ce"] + r["loss_uskd"]) for r in train_records

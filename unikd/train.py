@@ -272,6 +272,7 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device,
                         raise UnikdError(_non_finite_message(terms, step + 1, epoch, last_path))
                     stop_requested = bool(flags[1])
 
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (logged below)
                 optimizer_step(loss, optimizer, scaler, trainable_params, cfg.optim.clip_grad_norm)
                 scheduler.step()
                 step += 1
@@ -285,13 +286,11 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device,
                     sums = torch.stack([*window_terms.values(), sum(window_terms.values())])
                     means = (all_reduce(sums) / (world * window_steps)).tolist()
                     images_per_s = window_steps * cfg.train.batch_size / (time.perf_counter() - window_start)
-                    record = {"split": "train", "step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+                    record = {"split": "train", "step": step, "epoch": epoch, "lr": lr}
                     record.update(zip(names, means))
                     record["images_per_s"] = images_per_s
                     metrics_writer.write(record)
-                    bar.set_postfix(
-                        {**dict(zip(names, means)), "lr": record["lr"], "img/s": images_per_s}, refresh=False
-                    )
+                    bar.set_postfix({**dict(zip(names, means)), "lr": lr, "img/s": images_per_s}, refresh=False)
                     window_terms, window_steps, window_start = {}, 0, time.perf_counter()
 
                 if stop_requested:
