@@ -160,13 +160,13 @@ def run_bench(
     runs = []
     for seed in seeds:
         for method in methods:
-            run_overrides = [*profile.overrides, *profile.method_overrides.get(method, ()), f"train.seed={seed}"]
+            run_overrides = [*profile.overrides, f"train.seed={seed}"]
             if method in TEACHER_METHODS:
                 run_overrides.append(f"model.teacher_checkpoint={teacher_checkpoint}")
             run_dir = out_dir / "runs" / f"{method}-s{seed}"
             log(f"[bench] {method} seed {seed} -> {run_dir}")
             result = run_training(
-                f"configs/{profile.config_prefix}_{method}.yaml", [*run_overrides, *overrides], run_dir
+                profile.configs[method], [*run_overrides, *overrides], run_dir, profile.method_sections.get(method)
             )
             log(f"[bench] {method} seed {seed}: last top-1 {result['last_top1']:.2f}")
             runs.append({"method": method, "seed": seed, **result})

@@ -1,0 +1,103 @@
+"""`unikd bench`: paired runs, cached teacher, resume of a killed bench, honest summary, and the demo's profile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import unikd.train
+from unikd.bench import PROFILES, markdown_table, run_bench, summarize
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "train.epochs=1",
+    "train.max_steps_per_epoch=2",
+    "train.batch_size=16",
+    "data.train_subset=null",
+    "data.num_workers=0",
+    "train.tensorboard=false",
+    "train.progress=false",
+]
+
+
+def test_bench_runs_pairs_caches_teacher_and_resumes(tmp_path, fashion_mnist_root, monkeypatch):
+    overrides = [f"data.root={fashion_mnist_root}", *TINY]
+    out = tmp_path / "bench"
+    results = run_bench(
+        "fmnist-cpu", out, methods=["uskd", "nkd"], seeds=[0, 1], overrides=overrides, log=lambda m: None
+    )
+
+    assert [row["method"] for row in results["summary"]] == ["baseline", "uskd", "nkd"]  # baseline added first
+    assert {(r["method"], r["seed"]) for r in results["runs"]} == {
+        (m, s) for m in ("baseline", "uskd", "nkd") for s in (0, 1)
+    }
+    baseline = results["summary"][0]
+    assert baseline["deltas"] == [0.0, 0.0] and baseline["time_ratio"] == pytest.approx(1.0)
+    for name in ("results.json", "results.md", "curves.png", "bars.png"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())["summary"] == json.loads(json.dumps(results["summary"]))
+    assert (out / "teacher" / "best.pt").is_file()
+    nkd_config = (out / "runs" / "nkd-s0" / "config.yaml").read_text()
+    assert str(out / "teacher" / "best.pt") in nkd_config
+
+    # A killed bench: one run lost its final.json mid-way (its last.pt stays); the rerun resumes only that run, with
+    # one more epoch, and reuses the teacher and every finished run.
+    (out / "runs" / "uskd-s1" / "final.json").unlink()
+    calls = []
+    real_train = unikd.train.train
+
+    def recording_train(cfg, *, resume=False):
+        calls.append((cfg.output_dir, resume))
+        return real_train(cfg, resume=resume)
+
+    monkeypatch.setattr(unikd.train, "train", recording_train)
+    rerun = run_bench(
+        "fmnist-cpu", out, methods=["uskd", "nkd"], seeds=[0, 1], overrides=[*overrides, "train.epochs=2"], log=print
+    )
+    assert calls == [(str(out / "runs" / "uskd-s1"), True)]
+    resumed = next(r for r in rerun["runs"] if (r["method"], r["seed"]) == ("uskd", 1))
+    assert [entry["epoch"] for entry in resumed["history"]] == [0, 1]
+
+
+def test_summary_pairs_seeds_and_reports_spread():
+    def run(method, seed, last, epoch_time):
+        history = [{"epoch": 0, "top1": last, "epoch_time_s": epoch_time, "peak_mem_mb": 100.0}]
+        return {
+            "method": method,
+            "seed": seed,
+            "last_top1": last,
+            "best_top1": last,
+            "best_epoch": 0,
+            "history": history,
+        }
+
+    runs = [run("baseline", 0, 80.0, 10.0), run("baseline", 1, 82.0, 10.0), run("uskd", 0, 80.5, 11.0)]
+    runs.append(run("uskd", 1, 82.1, 11.0))
+    rows = summarize(runs, ["baseline", "uskd"])
+    uskd = rows[1]
+    assert uskd["deltas"] == pytest.approx([0.5, 0.1])
+    assert uskd["delta_to_baseline"][0] == pytest.approx(0.3)
+    assert uskd["delta_to_baseline"][1] == pytest.approx(0.28284271, rel=1e-6)  # sample std of [0.5, 0.1]
+    assert uskd["last_top1"][0] == pytest.approx(81.3)
+    assert uskd["time_ratio"] == pytest.approx(1.1)
+    table = markdown_table(rows, "toy", [0, 1])
+    assert "| uskd | 81.30 +- 1.13 | 81.30 +- 1.13 | +0.30 +- 0.28 | 0, 0 | 11.0 | 1.10 | 100 |" in table
+
+
+def test_profiles_point_at_existing_configs():
+    from unikd.bench import config_path
+
+    for name, profile in PROFILES.items():
+        for config in [*profile.configs.values(), *([profile.teacher_config] if profile.teacher_config else [])]:
+            assert config_path(config).is_file(), (name, config)
+
+
+def test_unknown_profile_and_method_are_clear_errors(tmp_path):
+    from unikd import UnikdError
+
+    with pytest.raises(UnikdError, match=r"profile: 'fmnist-cpuu' is not one of .* \(did you mean 'fmnist-cpu'\?\)"):
+        run_bench("fmnist-cpuu", tmp_path)
+    with pytest.raises(UnikdError, match=r"--methods: \['dino'\] not in profile fmnist-demo \(baseline, uskd\)"):
+        run_bench("fmnist-demo", tmp_path, methods=["dino"])
