@@ -135,6 +135,12 @@ def export_state_dict(model_or_state_dict: nn.Module | dict, out_path: str | os.
         state_dict = model_or_state_dict["model"]
     else:
         state_dict = model_or_state_dict
+    not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ModelError(
+            f"cannot export a dict with non-tensor values ({_listing(not_tensors)}); pass a model, its state_dict "
+            "or a unikd training checkpoint"
+        )
     # Own, contiguous CPU copies: safetensors refuses tensors that share memory.
     tensors = {
         key: value.detach().cpu().contiguous().clone() for key, value in _strip_wrapper_prefixes(state_dict).items()

@@ -40,7 +40,9 @@ def list_models(namespace: str | None = None) -> list[str]:
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...], n: int = 5) -> str:
     """' Did you mean: a, b?' for the closest choices (difflib), or '' when none is close."""
-    close = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+    # Names that extend the word (deit_tiny -> deit_tiny_patch16_224) first: difflib undervalues long names.
+    extensions = [choice for choice in choices if choice.startswith(word)]
+    close = sorted(extensions, key=len)[:n] or difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 

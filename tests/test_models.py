@@ -1,0 +1,441 @@
+"""unikd.models: the factory, the CIFAR zoo, the USKD mid feature, dense logits, teacher loading and export."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import re
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from unikd.models import (
+    ModelError,
+    create_model,
+    export_state_dict,
+    feature_dim,
+    forward_with_dense_logits,
+    forward_with_feature,
+    load_state_dict_file,
+    load_teacher,
+)
+from unikd.models.cifar import CIFAR_MODELS
+
+# Parameter counts of the CIFAR-100 KD benchmark zoo with num_classes=100, computed from the model definitions of
+# megvii-research/mdistiller (commit e8c5bb3, mdistiller/models/cifar/{resnet,resnetv2,wrn,vgg,mobilenetv2,
+# ShuffleNetv1,ShuffleNetv2}.py; the same zoo as HobbitLong/RepDistiller). They agree with the rounded counts the
+# papers print, e.g. resnet56 0.86M, resnet110 1.74M, resnet8x4 1.23M, resnet32x4 7.43M, wrn_40_2 2.26M,
+# vgg13 9.46M, vgg8 3.96M, MobileNetV2 0.81M, ShuffleNetV1 0.95M, ShuffleNetV2 1.36M, ResNet50 23.71M.
+# Our VGG convs drop the bias that the benchmark puts before each BatchNorm (redundant there): -0.03%.
+BENCHMARK_PARAMS = {
+    "resnet8": 83_892,
+    "resnet14": 181_108,
+    "resnet20": 278_324,
+    "resnet32": 472_756,
+    "resnet44": 667_188,
+    "resnet56": 861_620,
+    "resnet110": 1_736_564,
+    "resnet8x4": 1_233_540,
+    "resnet32x4": 7_433_860,
+    "wrn_16_2": 703_284,
+    "wrn_40_1": 569_780,
+    "wrn_40_2": 2_255_156,
+    "vgg8": 3_965_028,
+    "vgg11": 9_277_284,
+    "vgg13": 9_462_180,
+    "vgg16": 14_774_436,
+    "vgg19": 20_086_692,
+    "mobilenetv2": 812_836,
+    "shufflenetv1": 949_258,
+    "shufflenetv2": 1_355_528,
+    "resnet18": 11_220_132,
+    "resnet34": 21_328_292,
+    "resnet50": 23_705_252,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny inputs gain nothing from intra-op threads, and on a busy 2-core machine spinning threads cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _cached_model(name: str, frozen_kwargs: tuple) -> nn.Module:
+    return create_model(name, 10, **dict(frozen_kwargs)).eval()
+
+
+def built(name: str, **kwargs) -> nn.Module:
+    """A model in eval mode, built once per test session (building dominates these tests' run time)."""
+    model = _cached_model(name, tuple(sorted(kwargs.items())))
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def all_hooks(model: nn.Module) -> list:
+    return [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+
+
+def test_cifar_registry_is_the_benchmark_zoo_plus_smallcnn():
+    assert set(CIFAR_MODELS) == set(BENCHMARK_PARAMS) | {"smallcnn"}
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARK_PARAMS))
+def test_cifar_param_count_matches_benchmark(name):
+    count = num_params(create_model(f"cifar/{name}", 100))
+    assert abs(count - BENCHMARK_PARAMS[name]) / BENCHMARK_PARAMS[name] < 0.005, count
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR_MODELS))
+def test_cifar_models_take_one_channel_28x28(name):
+    model = create_model(f"cifar/{name}", 10, in_chans=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_smallcnn_width_and_resnet20_as_mnist_teachers():
+    narrow, wide = create_model("cifar/smallcnn", 10, in_chans=1), create_model("cifar/smallcnn", 10, width=32)
+    assert [s["num_chs"] for s in narrow.feature_info] == [16, 32, 64]
+    assert [s["num_chs"] for s in wide.feature_info] == [32, 64, 128]
+    assert feature_dim(wide) == 64
+    teacher = create_model("cifar/resnet20", 10, in_chans=1)
+    assert teacher.stem[0].in_channels == 1 and teacher(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+# (name, kwargs, input size, D of the default "mid" feature): the released USKD choices for the issue's families.
+SWIN_64 = {"img_size": 64, "window_size": 2}
+FEATURE_CASES = [
+    ("timm/resnet18", {}, 32, 256),
+    ("timm/resnet34", {}, 32, 256),
+    ("timm/resnet50", {}, 32, 1024),
+    ("timm/regnetx_016", {}, 32, 408),
+    ("timm/mobilenetv1_100", {}, 32, 512),
+    ("timm/mobilenetv2_100", {}, 32, 320),
+    ("timm/swin_tiny_patch4_window7_224", SWIN_64, 64, 384),
+    ("timm/deit_tiny_patch16_224", {"img_size": 32}, 32, 192),
+    ("timm/deit3_small_patch16_224", {"img_size": 32}, 32, 384),
+    ("tv/resnet18", {}, 32, 256),
+    ("tv/shufflenet_v2_x1_0", {}, 32, 464),
+    ("tv/mobilenet_v2", {}, 32, 320),
+    ("cifar/resnet20", {}, 32, 32),
+    ("cifar/resnet8x4", {}, 32, 128),
+    ("cifar/wrn_40_2", {}, 32, 64),
+    ("cifar/vgg8", {}, 32, 512),
+    ("cifar/mobilenetv2", {}, 32, 160),
+    ("cifar/shufflenetv1", {}, 32, 480),
+    ("cifar/shufflenetv2", {}, 32, 464),
+    ("cifar/resnet18", {}, 32, 256),
+    ("cifar/smallcnn", {"in_chans": 1}, 28, 32),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "size", "dim"), FEATURE_CASES, ids=[c[0] for c in FEATURE_CASES])
+def test_mid_feature_dim_single_pass_not_detached_no_hooks_left(name, kwargs, size, dim):
+    model = built(name, **kwargs)
+    assert feature_dim(model) == dim
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    calls = []
+    counter = first_conv.register_forward_hook(lambda *_: calls.append(1))
+    images = torch.randn(2, first_conv.in_channels, size, size)
+    logits, feature = forward_with_feature(model, images)
+    counter.remove()
+    assert calls == [1]  # one forward pass
+    assert all_hooks(model) == []
+    assert logits.shape == (2, 10) and feature.shape == (2, dim)
+    torch.testing.assert_close(logits, model(images))
+    feature.sum().backward()  # not detached: the weak loss trains the backbone through the feature
+    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+
+
+def test_big_models_dims_from_feature_info_without_a_forward():
+    calls = []
+    for name, dim in [("timm/resnet101", 1024), ("timm/deit_base_patch16_224", 768)]:
+        model = create_model(name, 10)
+        model.register_forward_pre_hook(lambda *_: calls.append(1))
+        assert feature_dim(model) == dim
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size"),
+    [
+        ("timm/resnet18", {}, 32),
+        ("timm/mobilenetv2_100", {}, 32),
+        ("timm/swin_tiny_patch4_window7_224", SWIN_64, 64),
+        ("timm/deit_tiny_patch16_224", {"img_size": 32}, 32),
+    ],
+)
+def test_forward_intermediates_and_hooks_through_a_wrapper_agree(name, kwargs, size):
+    model = built(name, **kwargs)
+    images = torch.randn(2, 3, size, size)
+    logits, feature = forward_with_feature(model, images)  # timm's forward_intermediates
+    wrapper = nn.DataParallel(model)  # on CPU: plain delegation; stands in for DistributedDataParallel
+    wrapper_calls = []
+    wrapper.register_forward_hook(lambda *_: wrapper_calls.append(1))
+    wrapped_logits, wrapped_feature = forward_with_feature(wrapper, images)  # hooks, run through the wrapper
+    assert wrapper_calls == [1]
+    torch.testing.assert_close(wrapped_logits, logits)
+    torch.testing.assert_close(wrapped_feature, feature)
+
+
+def test_deit_mid_feature_is_class_token_of_block_6_before_final_norm():
+    model = built("timm/deit_tiny_patch16_224", img_size=32)
+    tokens = []
+    handle = model.blocks[5].register_forward_hook(lambda _m, _a, out: tokens.append(out))
+    _, feature = forward_with_feature(model, torch.randn(2, 3, 32, 32))
+    handle.remove()
+    torch.testing.assert_close(feature, tokens[0][:, 0])
+    assert not torch.allclose(feature, model.norm(tokens[0])[:, 0])
+
+
+def test_layer_by_name_stage_index_and_inner_module():
+    model = create_model("cifar/resnet18", 10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert feature_dim(model, "layer2") == 128 and forward_with_feature(model, images, "layer2")[1].shape == (2, 128)
+    assert feature_dim(model, 0) == 64 and feature_dim(model, -1) == 512 and feature_dim(model, 4) == 512
+    assert feature_dim(model, "layer3.1.conv1") == 256  # not a stage: one dummy forward
+    assert forward_with_feature(model, images, "layer3.1.conv1")[1].shape == (2, 256)
+    torch.testing.assert_close(forward_with_feature(model, images, "layer3")[1], forward_with_feature(model, images)[1])
+
+
+def test_feature_dim_dummy_forward_keeps_train_mode_and_batchnorm_statistics():
+    model = create_model("tv/resnet18", 10).train()
+    running_mean = model.bn1.running_mean.clone()
+    assert feature_dim(model) == 256
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(model.bn1.running_mean, running_mean)
+
+
+def test_bad_layer_errors_name_the_fix():
+    model = create_model("cifar/resnet18", 10)
+    with pytest.raises(ModelError, match=r"^layer 'layr3' is not a module of ResNet\. Did you mean: layer3(, |\?)"):
+        feature_dim(model, "layr3")
+    stages = "0=stem, 1=layer1, 2=layer2, 3=layer3, 4=layer4"
+    with pytest.raises(ModelError, match=f"^stage index 7 is out of range for ResNet; stages: {stages}$"):
+        forward_with_feature(model, torch.randn(1, 3, 32, 32), 7)
+    with pytest.raises(ModelError, match=r"^layer must be 'mid', a stage index or a module name, got 1\.5$"):
+        feature_dim(model, 1.5)
+    with pytest.raises(ModelError, match=r"^SqueezeNet has no known stages, so layer='mid' is undefined for it; pass "):
+        feature_dim(create_model("tv/squeezenet1_1", 10))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "locations"),
+    [
+        ("cifar/resnet8", {}, 32, 64),
+        ("cifar/wrn_16_2", {}, 32, 64),
+        ("cifar/shufflenetv2", {}, 32, 16),
+        ("timm/resnet18", {}, 64, 4),
+        ("timm/swin_tiny_patch4_window7_224", SWIN_64, 64, 4),
+        ("tv/resnet18", {}, 64, 4),
+        ("tv/shufflenet_v2_x1_0", {}, 64, 4),
+    ],
+)
+def test_dense_logits_average_to_the_logits(name, kwargs, size, locations):
+    model = built(name, **kwargs)
+    images = torch.randn(2, 3, size, size)
+    logits, dense_logits = forward_with_dense_logits(model, images)
+    assert dense_logits.shape == (2, locations, 10)
+    # Average pooling and a linear head commute: the mean over locations of per-location logits is the logits.
+    torch.testing.assert_close(dense_logits.mean(dim=1), logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, model(images))
+    assert all_hooks(model) == []
+
+
+def test_dense_logits_refuse_vits():
+    model = create_model("timm/deit_tiny_patch16_224", 10, img_size=32)
+    with pytest.raises(
+        ModelError, match=r"^dense logits do not apply to VisionTransformer: a ViT classifies its class"
+    ):
+        forward_with_dense_logits(model, torch.randn(1, 3, 32, 32))
+
+
+def test_no_hooks_and_no_object_growth_over_1000_calls():
+    model = create_model("cifar/smallcnn", 10, width=2, in_chans=1).eval()
+    images = torch.randn(1, 1, 8, 8)
+
+    def run(calls: int) -> None:
+        with torch.no_grad():
+            for _ in range(calls):
+                forward_with_feature(model, images)
+                forward_with_dense_logits(model, images)
+
+    run(20)
+    gc.collect()
+    objects_before = len(gc.get_objects())
+    run(1000)
+    gc.collect()
+    assert len(gc.get_objects()) - objects_before < 50
+    assert all_hooks(model) == []
+
+
+# --- the factory ---------------------------------------------------------------------------------------------
+
+
+def test_kwargs_pass_through():
+    assert create_model("timm/resnet18", 10, in_chans=1).conv1.in_channels == 1
+    assert create_model("timm/deit_tiny_patch16_224", 10, img_size=32).patch_embed.img_size == (32, 32)
+    assert isinstance(create_model("tv/shufflenet_v2_x1_0", 7), torchvision.models.ShuffleNetV2)
+
+
+def test_unknown_names_list_the_closest():
+    with pytest.raises(ModelError, match=r"^unknown model 'cifar/resnet9': cifar/ has no model 'resnet9'\. Did you"):
+        create_model("cifar/resnet9", 10)
+    with pytest.raises(ModelError) as error:
+        create_model("resnet18", 10)
+    assert str(error.value) == (
+        "unknown model 'resnet18': names are '<namespace>/<model>' with namespace one of timm, tv, cifar. "
+        "Did you mean: timm/resnet18, tv/resnet18, cifar/resnet18?"
+    )
+    with pytest.raises(
+        ModelError, match=r"^unknown model 'timm/deit_tiny': timm/ has no model 'deit_tiny'\. .*deit_tiny_"
+    ):
+        create_model("timm/deit_tiny", 10)
+
+
+def test_bad_kwargs_are_named():
+    with pytest.raises(ModelError, match=r"^cifar/resnet8 does not accept the keyword arguments \['depth'\]: "):
+        create_model("cifar/resnet8", 10, depth=3)
+
+
+def test_pretrained_without_hub_says_to_pass_a_local_checkpoint(monkeypatch):
+    huggingface_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(huggingface_constants, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying
+    with pytest.raises(ModelError, match=r"^could not download pretrained weights for timm/resnet18 \(") as error:
+        create_model("timm/resnet18", 10, pretrained=True)
+    assert str(error.value).endswith(
+        "This machine has no model hub access: build the model with pretrained=False and load a local checkpoint "
+        "instead (config key model.teacher_checkpoint, or unikd.models.load_teacher(name, num_classes, path))."
+    )
+    with pytest.raises(ModelError, match=r"^cifar/resnet8 has no pretrained weights; train it, or pass a checkpoint"):
+        create_model("cifar/resnet8", 10, pretrained=True)
+
+
+# --- teachers and export ---------------------------------------------------------------------------------------
+
+
+def _outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_export_round_trip_and_teacher_is_frozen(tmp_path, suffix):
+    student = create_model("cifar/resnet8", 10)
+    student(torch.randn(4, 3, 32, 32))  # move BatchNorm statistics away from their init
+    path = export_state_dict(student, tmp_path / f"student{suffix}")
+    assert [p.name for p in tmp_path.iterdir()] == [f"student{suffix}"]  # no temp file left
+    fresh = create_model("cifar/resnet8", 10)
+    fresh.load_state_dict(load_state_dict_file(path), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_outputs(fresh, images), _outputs(student, images))
+    teacher = load_teacher("cifar/resnet8", 10, path)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    torch.testing.assert_close(teacher(images), _outputs(student, images))
+
+
+def test_exported_timm_and_torchvision_students_load_into_their_libraries(tmp_path):
+    export_state_dict(create_model("timm/resnet18", 10), tmp_path / "timm.safetensors")
+    timm.create_model("resnet18", num_classes=10).load_state_dict(
+        load_state_dict_file(tmp_path / "timm.safetensors"), strict=True
+    )
+    export_state_dict(create_model("tv/shufflenet_v2_x1_0", 10), tmp_path / "tv.pt")
+    torchvision.models.shufflenet_v2_x1_0(num_classes=10).load_state_dict(torch.load(tmp_path / "tv.pt"), strict=True)
+
+
+def test_export_unwraps_ddp_and_compiled_models_and_unikd_checkpoints(tmp_path):
+    student = create_model("cifar/resnet8", 10)
+    expected = set(student.state_dict())
+    for index, wrapped in enumerate([nn.DataParallel(student), torch.compile(student)]):
+        export_state_dict(wrapped, tmp_path / f"w{index}.pt")
+        assert set(load_state_dict_file(tmp_path / f"w{index}.pt")) == expected
+    checkpoint = {
+        "format": "unikd-checkpoint",
+        "version": 1,
+        "model": student.state_dict(),
+        "method": {"w": torch.ones(1)},
+    }
+    export_state_dict(checkpoint, tmp_path / "from_ckpt.safetensors")
+    assert set(load_state_dict_file(tmp_path / "from_ckpt.safetensors")) == expected  # no weak head
+
+
+def test_failed_export_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = export_state_dict({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_state_dict({"w": torch.ones(2)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+    torch.testing.assert_close(load_state_dict_file(path)["w"], torch.zeros(2))
+    with pytest.raises(ModelError, match=r"^export path .*weights\.bin must end in \.safetensors, \.pt or \.pth$"):
+        export_state_dict({"w": torch.ones(2)}, tmp_path / "weights.bin")
+    with pytest.raises(ModelError, match=r"^cannot export a dict with non-tensor values \(epoch\); pass a model, "):
+        export_state_dict({"w": torch.ones(2), "epoch": 3}, tmp_path / "weights.pt")
+
+
+def test_teacher_from_unikd_checkpoint_and_prefixed_state_dicts(tmp_path):
+    source = create_model("cifar/resnet8", 10)
+    images = torch.randn(2, 3, 32, 32)
+    state = source.state_dict()
+    files = {
+        "unikd.pt": {"format": "unikd-checkpoint", "version": 1, "model_name": "cifar/resnet8", "num_classes": 10,
+                     "model": state, "method": {}, "epoch": 3, "config": {"model": {"name": "cifar/resnet8"}}},
+        "ddp.pt": {f"module.{k}": v for k, v in state.items()},
+        "compiled.pt": {f"_orig_mod.{k}": v for k, v in state.items()},
+        "timm_train_script.pt": {"state_dict": state, "epoch": 3},
+    }  # fmt: skip
+    for filename, content in files.items():
+        torch.save(content, tmp_path / filename)
+        teacher = load_teacher("cifar/resnet8", 10, tmp_path / filename)
+        torch.testing.assert_close(teacher(images), _outputs(source, images))
+
+
+def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path):
+    checkpoint = {"format": "unikd-checkpoint", "version": 1, "model_name": "cifar/resnet8", "num_classes": 10,
+                  "model": create_model("cifar/resnet8", 10).state_dict()}  # fmt: skip
+    torch.save(checkpoint, tmp_path / "r8.pt")
+    with pytest.raises(ModelError) as error:
+        load_teacher("cifar/resnet8", 5, tmp_path / "r8.pt")
+    assert str(error.value) == (
+        f"checkpoint {tmp_path / 'r8.pt'} (saved from cifar/resnet8 with 10 classes), loaded into cifar/resnet8 "
+        "with 5 classes, does not fit the model: shape mismatches (2): fc.weight: checkpoint (10, 64) vs model "
+        "(5, 64), fc.bias: checkpoint (10,) vs model (5,)"
+    )
+    with pytest.raises(
+        ModelError, match=r"does not fit the model: missing keys \(\d+\): layer1\.1\.conv1\.0\.weight, "
+    ):
+        load_teacher("cifar/resnet14", 10, tmp_path / "r8.pt")
+    torch.save({**checkpoint["model"], "extra.weight": torch.ones(1)}, tmp_path / "extra.pt")
+    with pytest.raises(ModelError, match=r"does not fit the model: unexpected keys \(1\): extra\.weight$"):
+        load_teacher("cifar/resnet8", 10, tmp_path / "extra.pt")
+
+
+class _NotAllowedInWeightsOnly:
+    pass
+
+
+def test_unsafe_missing_and_empty_checkpoints(tmp_path):
+    torch.save({"model": _NotAllowedInWeightsOnly()}, tmp_path / "pickled.pt")
+    with pytest.raises(ModelError, match=r"^cannot load .*pickled\.pt safely: it pickles Python objects"):
+        load_state_dict_file(tmp_path / "pickled.pt")
+    with pytest.raises(ModelError, match=r"^checkpoint file not found: .*absent\.pt$"):
+        load_teacher("cifar/resnet8", 10, tmp_path / "absent.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ModelError, match=r"list\.pt holds no state_dict: expected a dict of tensors, .*found list$"):
+        load_state_dict_file(tmp_path / "list.pt")
+    torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "no_weights.pt")
+    with pytest.raises(ModelError, match=re.escape("found dict with keys ['epoch', 'optimizer']")):
+        load_state_dict_file(tmp_path / "no_weights.pt")
