@@ -213,8 +213,17 @@ def test_e2e_covers_every_method_and_format():
     assert {dataset for _, _, dataset in E2E} >= {"fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder"}
 
 
+def _e2e_params() -> list:
+    # Under `pytest -n 2 --dist loadgroup` the teacher methods share one worker, so the teacher is trained once.
+    return [
+        pytest.param(*case, id=f"{case[0]}-{case[2]}", marks=[pytest.mark.xdist_group("fmnist_teacher")] * needs)
+        for case in E2E
+        for needs in [METHODS[case[0]].needs_teacher]
+    ]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "root_fixture", "dataset"), E2E, ids=[f"{m}-{d}" for m, _, d in E2E])
+@pytest.mark.parametrize(("method", "root_fixture", "dataset"), _e2e_params())
 def test_every_method_trains_and_its_losses_fall(method, root_fixture, dataset, request, tmp_path, capsys):
     overrides = [f"data.name={dataset}", f"data.root={request.getfixturevalue(root_fixture)}", f"method.name={method}"]
     if dataset == "imagefolder":
