@@ -218,7 +218,7 @@ def check_teacher_num_classes(model_cfg: ModelConfig, num_classes: int) -> None:
     """
     if model_cfg.teacher_checkpoint is None or not str(model_cfg.teacher_checkpoint).endswith((".pt", ".pth")):
         return
-    import torch  # only here: importing torch takes seconds, and config validation should not
+    import torch  # here, so that importing unikd.config stays light (the demo and bench read configs)
 
     try:
         checkpoint = torch.load(model_cfg.teacher_checkpoint, map_location="cpu", weights_only=True, mmap=True)
