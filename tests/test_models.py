@@ -173,12 +173,14 @@ def test_big_models_dims_from_feature_info_without_a_forward():
         ("timm/mobilenetv2_100", {}, 32),
         ("timm/swin_tiny_patch4_window7_224", SWIN_64, 64),
         ("timm/deit_tiny_patch16_224", {"img_size": 32}, 32),
+        ("cifar/mobilenetv2", {}, 32),
+        ("cifar/wrn_16_2", {}, 32),
     ],
 )
 def test_forward_intermediates_and_hooks_through_a_wrapper_agree(name, kwargs, size):
     model = built(name, **kwargs)
     images = torch.randn(2, 3, size, size)
-    logits, feature = forward_with_feature(model, images)  # timm's forward_intermediates
+    logits, feature = forward_with_feature(model, images)  # forward_intermediates
     wrapper = nn.DataParallel(model)  # on CPU: plain delegation; stands in for DistributedDataParallel
     wrapper_calls = []
     wrapper.register_forward_hook(lambda *_: wrapper_calls.append(1))
@@ -186,6 +188,12 @@ def test_forward_intermediates_and_hooks_through_a_wrapper_agree(name, kwargs, s
     assert wrapper_calls == [1]
     torch.testing.assert_close(wrapped_logits, logits)
     torch.testing.assert_close(wrapped_feature, feature)
+
+
+def test_cifar_zoo_feature_traces_without_graph_breaks():
+    model = create_model("cifar/smallcnn", 10, width=2, in_chans=1).eval()
+    explanation = torch._dynamo.explain(lambda images: forward_with_feature(model, images))(torch.randn(1, 1, 8, 8))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
 
 
 def test_deit_mid_feature_is_class_token_of_block_6_before_final_norm():

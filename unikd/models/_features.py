@@ -1,8 +1,9 @@
 """Logits plus an intermediate feature (USKD, Eq. 8) or per-location logits (Zipf's LS), in one forward pass.
 
-No model code is edited and the model is never copied: timm models give intermediates through their own
-``forward_intermediates``; every other case (the CIFAR zoo, torchvision, any module name, a model wrapped in
-DistributedDataParallel) taps the module's output with a forward hook that is removed before returning.
+No model code is edited and the model is never copied: timm models and the CIFAR zoo give stage outputs through
+``forward_intermediates`` (traceable by ``torch.compile`` without graph breaks); every other case (torchvision,
+a module name that is not a stage, a model wrapped in DistributedDataParallel, which must run through its wrapper)
+taps the module's output with a forward hook that is removed before returning.
 
 Which feature ``layer="mid"`` picks reproduces the released USKD code (yzd-v/cls_KD):
 - CNNs: the global-average-pooled output of the penultimate stage (ResNet18 ``layer3`` -> 256, ResNet50 -> 1024,
@@ -167,7 +168,7 @@ def forward_with_feature(
             spatial, prefix_tokens = intermediate
             feature = prefix_tokens[:, 0] if prefix_tokens.shape[1] else spatial.mean(dim=(2, 3))
         else:
-            feature = intermediate.mean(dim=(2, 3))  # timm returns NCHW intermediates
+            feature = intermediate.mean(dim=(2, 3))  # intermediates are NCHW
         return inner.forward_head(final), feature
     with _capture(inner, tap.module) as captured:
         logits = model(images)

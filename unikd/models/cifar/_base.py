@@ -1,9 +1,9 @@
 """What every CIFAR-zoo model shares: timm's model interface and the conv-bn(-relu) unit.
 
 The zoo models expose the parts of timm's interface that ``unikd.models`` relies on, so one code path serves
-timm models and ours: ``forward_features`` (N, 3, H, W) -> (N, D, h, w), ``forward_head`` (global average pool
-then ``fc``), ``feature_info`` (the stages, as timm lists them: module name, channels, stride), ``num_features``
-and ``get_classifier``.
+timm models and ours: ``forward_features`` (N, 3, H, W) -> (N, D, h, w), ``forward_intermediates`` (stage outputs
+from the same single pass), ``forward_head`` (global average pool then ``fc``), ``feature_info`` (the stages, as
+timm lists them: module name, channels, stride), ``num_features`` and ``get_classifier``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def stage_info(module: str, num_chs: int, reduction: int) -> dict:
 
 
 class CifarNet(nn.Module):
-    """Base class: subclasses build the trunk, set ``feature_info`` and call ``_init_head``."""
+    """Base class: subclasses build the trunk as a chain of modules, name them in order in ``trunk``, list their
+    stages in ``feature_info`` and call ``_init_head``."""
 
+    trunk: tuple[str, ...]
     feature_info: list[dict]
     num_features: int
 
@@ -47,7 +49,23 @@ class CifarNet(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) -> last feature map (N, num_features, h, w)."""
-        raise NotImplementedError
+        return self.forward_intermediates(images, indices=[])[0]
+
+    def forward_intermediates(
+        self, images: torch.Tensor, indices: list[int] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's interface: (last feature map, the NCHW outputs of the stages ``indices`` into ``feature_info``, in
+        stage order; all stages when None)."""
+        if indices is None:
+            indices = range(len(self.feature_info))
+        wanted = {self.feature_info[i]["module"] for i in indices}
+        intermediates = []
+        x = images
+        for name in self.trunk:
+            x = self.get_submodule(name)(x)
+            if name in wanted:
+                intermediates.append(x)
+        return x, intermediates
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(N, num_features, h, w) -> logits (N, num_classes), or the pooled features (N, num_features)."""

@@ -53,7 +53,5 @@ class MobileNetV2(CifarNet):
                 self.feature_info.append(stage_info(f"blocks.{index}", out_chs, reduction))
         self.blocks = nn.Sequential(*stages)
         self.conv_head = conv_bn(in_chs, 1280, kernel_size=1)
+        self.trunk = ("stem", *(f"blocks.{i}" for i in range(len(_STAGES))), "conv_head")
         self._init_head(1280, num_classes)
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.conv_head(self.blocks(self.stem(images)))

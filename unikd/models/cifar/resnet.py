@@ -77,13 +77,8 @@ class ResNet(CifarNet):
                 in_chs = width * block.expansion
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             self.feature_info.append(stage_info(f"layer{index + 1}", in_chs, 2**index))
+        self.trunk = tuple(stage["module"] for stage in self.feature_info)
         self._init_head(in_chs, num_classes)
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = images
-        for info in self.feature_info:
-            x = getattr(self, info["module"])(x)
-        return x
 
 
 def cifar_resnet(depth: int, widths: tuple[int, int, int, int], **kwargs) -> ResNet:

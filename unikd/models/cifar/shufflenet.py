@@ -83,10 +83,8 @@ class ShuffleNetV1(CifarNet):
                 in_chs = out_chs
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             self.feature_info.append(stage_info(f"layer{index + 1}", out_chs, 2 ** (index + 1)))
+        self.trunk = ("stem", "layer1", "layer2", "layer3")
         self._init_head(in_chs, num_classes)
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.layer3(self.layer2(self.layer1(self.stem(images))))
 
 
 class ShuffleNetV2(CifarNet):
@@ -105,7 +103,5 @@ class ShuffleNetV2(CifarNet):
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             self.feature_info.append(stage_info(f"layer{index + 1}", out_chs, 2 ** (index + 1)))
         self.conv_head = conv_bn(in_chs, 1024, kernel_size=1)
+        self.trunk = ("stem", "layer1", "layer2", "layer3", "conv_head")
         self._init_head(1024, num_classes)
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.conv_head(self.layer3(self.layer2(self.layer1(self.stem(images)))))

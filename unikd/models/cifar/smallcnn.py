@@ -3,7 +3,6 @@ conv-bn-relu blocks, widths (w, 2w, 4w), stride-2 downsampling at the start of s
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from unikd.models.cifar._base import CifarNet, conv_bn, stage_info
@@ -21,7 +20,5 @@ class SmallCNN(CifarNet):
             )
             self.feature_info.append(stage_info(f"layer{index + 1}", out_chs, 2**index))
             in_chs = out_chs
+        self.trunk = ("layer1", "layer2", "layer3")
         self._init_head(in_chs, num_classes)
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.layer3(self.layer2(self.layer1(images)))

@@ -6,7 +6,6 @@ stages at 4x4; global average pooling and a single linear classifier replace VGG
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from unikd.models.cifar._base import CifarNet, conv_bn, stage_info
@@ -35,10 +34,5 @@ class VGG(CifarNet):
                 in_chs = width
             self.add_module(f"layer{index + 1}", nn.Sequential(*layers))
             self.feature_info.append(stage_info(f"layer{index + 1}", in_chs, reduction))
+        self.trunk = tuple(stage["module"] for stage in self.feature_info)
         self._init_head(in_chs, num_classes)
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = images
-        for info in self.feature_info:
-            x = getattr(self, info["module"])(x)
-        return x

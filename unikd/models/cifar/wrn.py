@@ -47,7 +47,5 @@ class WideResNet(CifarNet):
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             self.feature_info.append(stage_info(f"layer{index + 1}", widths[index + 1], 2**index))
         self.norm = nn.Sequential(nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True))
+        self.trunk = ("stem", "layer1", "layer2", "layer3", "norm")
         self._init_head(widths[3], num_classes)
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.layer3(self.layer2(self.layer1(self.stem(images)))))
