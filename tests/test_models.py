@@ -252,11 +252,29 @@ def test_bad_layer_errors_name_the_fix():
 def test_dense_logits_average_to_the_logits(name, kwargs, size, locations):
     model = built(name, **kwargs)
     images = torch.randn(2, 3, size, size)
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    calls = []
+    counter = first_conv.register_forward_hook(lambda *_: calls.append(1))
     logits, dense_logits = forward_with_dense_logits(model, images)
+    counter.remove()
+    assert calls == [1]  # one forward pass
     assert dense_logits.shape == (2, locations, 10)
     # Average pooling and a linear head commute: the mean over locations of per-location logits is the logits.
     torch.testing.assert_close(dense_logits.mean(dim=1), logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits, model(images))
+    assert all_hooks(model) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size"), [("cifar/resnet8", {}, 32), ("timm/swin_tiny_patch4_window7_224", SWIN_64, 64)]
+)
+def test_dense_logits_through_a_wrapper_use_hooks_and_agree(name, kwargs, size):
+    model = built(name, **kwargs)
+    images = torch.randn(2, 3, size, size)
+    logits, dense_logits = forward_with_dense_logits(model, images)
+    wrapped_logits, wrapped_dense_logits = forward_with_dense_logits(nn.DataParallel(model), images)
+    torch.testing.assert_close(wrapped_logits, logits)
+    torch.testing.assert_close(wrapped_dense_logits, dense_logits)
     assert all_hooks(model) == []
 
 

@@ -55,13 +55,19 @@ def _is_vit(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
+def _torchvision_entry(model: nn.Module) -> tuple[tuple[str, ...], str] | None:
+    """(stage names, classifier name) for a torchvision model in the table, else None."""
+    if type(model).__module__.startswith("torchvision."):
+        return _TORCHVISION_STAGES.get(type(model).__name__)
+    return None
+
+
 def _stage_names(model: nn.Module) -> list[str]:
     info = getattr(model, "feature_info", None)
     if isinstance(info, list) and info:
         return [stage["module"] for stage in info]
-    if type(model).__name__ in _TORCHVISION_STAGES and type(model).__module__.startswith("torchvision"):
-        return list(_TORCHVISION_STAGES[type(model).__name__][0])
-    return []
+    entry = _torchvision_entry(model)
+    return list(entry[0]) if entry else []
 
 
 def _mid_stage_index(model: nn.Module, stages: list[str]) -> int:
@@ -70,7 +76,7 @@ def _mid_stage_index(model: nn.Module, stages: list[str]) -> int:
     info = getattr(model, "feature_info", None)
     if isinstance(info, list) and info:
         # The last listed stage is the final feature map unless a head conv follows it (channel count differs).
-        return len(info) - 2 if info[-1]["num_chs"] == model.num_features else len(info) - 1
+        return len(info) - 2 if info[-1]["num_chs"] == getattr(model, "num_features", None) else len(info) - 1
     if stages:  # torchvision: the table ends with the final feature map
         return len(stages) - 2
     raise ModelError(
@@ -181,9 +187,9 @@ def _final_feature_map(model: nn.Module) -> tuple[str, bool]:
     for name in ("global_pool", "head.global_pool"):  # timm and the CIFAR zoo pool in a module of this name
         if isinstance(modules.get(name), nn.Module):
             return name, True
-    stages = _stage_names(model)
-    if stages and type(model).__name__ in _TORCHVISION_STAGES:
-        return stages[-1], False
+    entry = _torchvision_entry(model)
+    if entry:
+        return entry[0][-1], False
     raise ModelError(f"dense logits are not supported for {type(model).__name__}: its pooled feature map is unknown")
 
 
@@ -200,21 +206,24 @@ def forward_with_dense_logits(model: nn.Module, images: torch.Tensor) -> tuple[t
             f"dense logits do not apply to {type(inner).__name__}: a ViT classifies its class token and has no "
             "spatial feature map of class scores; Zipf's label smoothing needs a CNN (or Swin) student"
         )
-    module_name, module_input = _final_feature_map(inner)
-    with _capture(inner, module_name, module_input=module_input) as captured:
-        logits = model(images)
-    features = _single(captured, module_name)
-    if getattr(inner, "output_fmt", "NCHW") == "NHWC":
-        features = features.permute(0, 3, 1, 2)
-    n, c, h, w = features.shape
-    per_location = features.permute(0, 2, 3, 1).reshape(n * h * w, c)
-    if hasattr(inner, "forward_head"):  # the head pools first, so a 1x1 map per location gives its logits
-        if getattr(inner, "output_fmt", "NCHW") == "NHWC":
-            dense = inner.forward_head(per_location.reshape(n * h * w, 1, 1, c))
-        else:
-            dense = inner.forward_head(per_location.reshape(n * h * w, c, 1, 1))
+    timm_style = hasattr(inner, "forward_features") and hasattr(inner, "forward_head")  # timm and the CIFAR zoo
+    if inner is model and timm_style:
+        features = inner.forward_features(images)
+        logits = inner.forward_head(features)
     else:
-        dense = inner.get_submodule(_TORCHVISION_STAGES[type(inner).__name__][1])(per_location)
+        module_name, module_input = _final_feature_map(inner)
+        with _capture(inner, module_name, module_input=module_input) as captured:
+            logits = model(images)
+        features = _single(captured, module_name)
+    channels_last = getattr(inner, "output_fmt", "NCHW") == "NHWC"
+    if not channels_last:
+        features = features.permute(0, 2, 3, 1)
+    n, h, w, c = features.shape
+    per_location = features.reshape(n * h * w, c)
+    if timm_style:  # the head pools first, so a 1x1 map per location gives that location's logits
+        dense = inner.forward_head(per_location[:, None, None, :] if channels_last else per_location[:, :, None, None])
+    else:
+        dense = inner.get_submodule(_torchvision_entry(inner)[1])(per_location)
     return logits, dense.reshape(n, h * w, -1)
 
 
