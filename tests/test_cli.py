@@ -22,7 +22,7 @@ from unikd.methods import METHODS
 from unikd.models import load_state_dict_file
 
 REPO = Path(__file__).parents[1]
-COMMANDS = ["train", "eval", "export", "config"]
+COMMANDS = ["train", "eval", "export", "config", "softlabels", "bench"]
 
 
 def _run_module(*args: str) -> subprocess.CompletedProcess:
@@ -268,3 +268,32 @@ def test_export_then_eval_gives_the_same_accuracy(suffix, fashion_mnist_root, tm
     # The exported weights, put back into a checkpoint, score exactly what the original did.
     torch.save({**checkpoint, "model": weights}, tmp_path / "reloaded.pt")
     assert _main(capsys, "eval", str(tmp_path / "reloaded.pt"))[1] == eval_out
+
+
+@pytest.mark.slow
+def test_softlabels_writes_the_picture_and_json_of_a_uskd_run(fashion_mnist_root, tmp_path, capsys):
+    output_dir = _train(capsys, tmp_path, "uskd", f"data.root={fashion_mnist_root}", "method.name=uskd")
+    out = tmp_path / "softlabels"
+    status, stdout, _ = _main(capsys, "softlabels", str(output_dir / "last.pt"), "--out", str(out), "--num-images", "3")
+    assert status == 0 and stdout.endswith(f"wrote {out}/soft_labels.json and {out}/soft_labels.png\n")
+    report = json.loads((out / "soft_labels.json").read_text())
+    assert len(report) == 3 and (out / "soft_labels.png").stat().st_size > 0
+    for entry in report:
+        assert entry["target_name"] in stdout and len(entry["non_target"]) == 3
+        assert entry["target"] not in [item["class"] for item in entry["non_target"]]
+
+    baseline_dir = _train(capsys, tmp_path / "b", "baseline", f"data.root={fashion_mnist_root}")
+    status, _, stderr = _main(capsys, "softlabels", str(baseline_dir / "last.pt"), "--out", str(out))
+    assert status == 2
+    assert stderr == (
+        f"unikd: error: {baseline_dir / 'last.pt'}: soft labels need a USKD run, this one was trained with 'baseline'\n"
+    )
+
+
+@pytest.mark.slow
+def test_bench_command_prints_the_table(fashion_mnist_root, tmp_path, capsys):
+    out = tmp_path / "bench"
+    overrides = [f"data.root={fashion_mnist_root}", *TINY, "data.train_subset=null", "train.epochs=1"]
+    status, stdout, _ = _main(capsys, "bench", "fmnist-demo", *overrides, "--out", str(out))
+    assert status == 0
+    assert "| baseline |" in stdout and "| uskd |" in stdout and (out / "results.json").is_file()

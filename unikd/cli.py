@@ -4,6 +4,8 @@
     unikd eval CHECKPOINT [key=value ...] [--data ROOT]
     unikd export CHECKPOINT OUT
     unikd config CONFIG [key=value ...]
+    unikd softlabels CHECKPOINT [key=value ...] --out DIR [--data ROOT] [--num-images N]
+    unikd bench PROFILE [key=value ...] --out DIR [--methods M ...] [--seeds S ...]
 
 Each subcommand is one ``_<name>`` function taking the parsed arguments plus one ``add_parser`` block in
 ``build_parser``. Exit status: 0 on success; 2 with ``unikd: error: <message>`` on one line and no traceback for a
@@ -16,6 +18,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from unikd._errors import UnikdError
 
@@ -62,6 +65,25 @@ def _config(args: argparse.Namespace) -> None:
     print(dump_config(load_config(args.config, args.overrides)), end="")
 
 
+def _softlabels(args: argparse.Namespace) -> None:
+    from unikd.softlabels import soft_labels_from_checkpoint
+
+    overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
+    report = soft_labels_from_checkpoint(args.checkpoint, args.out, num_images=args.num_images, overrides=overrides)
+    for entry in report:
+        others = ", ".join(f"{item['name']} {item['value']:.3f}" for item in entry["non_target"])
+        print(f"{entry['target_name']}: soft target {entry['target_value']:.3f}; top non-targets: {others}")
+    print(f"wrote {args.out}/soft_labels.json and {args.out}/soft_labels.png")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from unikd.bench import run_bench
+
+    results = run_bench(args.profile, args.out, methods=args.methods, seeds=args.seeds, overrides=args.overrides)
+    print((Path(args.out) / "results.md").read_text(), end="")
+    print(f"unikd bench: {results['profile']} done; results.json, curves.png and bars.png in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unikd", description="Knowledge distillation for image classification (NKD, USKD and baselines)."
@@ -100,6 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config", metavar="CONFIG", help="YAML config")
     config.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
     config.set_defaults(func=_config)
+
+    softlabels = commands.add_parser(
+        "softlabels",
+        help="show the soft labels a USKD student taught itself",
+        description="The USKD soft target value and top non-target classes (paper Fig. 3) of validation images, "
+        "as soft_labels.png and soft_labels.json.",
+    )
+    softlabels.add_argument("checkpoint", metavar="CHECKPOINT", help="a unikd training checkpoint of a USKD run")
+    softlabels.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    softlabels.add_argument("--num-images", type=int, default=8, metavar="N", help="images to show (default: 8)")
+    softlabels.add_argument("--data", metavar="ROOT", help="the dataset folder (same as data.root=ROOT)")
+    softlabels.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the checkpoint's config")
+    softlabels.set_defaults(func=_softlabels)
+
+    bench = commands.add_parser(
+        "bench",
+        help="train methods side by side over paired seeds",
+        description="Train the methods of a profile over N paired seeds (resumable) and write results.json, "
+        "results.md, curves.png and bars.png. Profiles: fmnist-cpu, fmnist-demo, fmnist-gpu, cifar100-kd, "
+        "cifar100-selfkd.",
+    )
+    bench.add_argument("profile", metavar="PROFILE", help="benchmark profile, e.g. fmnist-cpu")
+    bench.add_argument("--out", required=True, metavar="DIR", help="output folder (a rerun continues it)")
+    bench.add_argument("--methods", nargs="+", metavar="METHOD", help="a subset of the profile's methods")
+    bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the profile's)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
+    bench.set_defaults(func=_bench)
     return parser
 
 
