@@ -462,6 +462,9 @@ def test_unsafe_missing_and_empty_checkpoints(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ModelError, match=r"list\.pt holds no state_dict: expected a dict of tensors, .*found list$"):
         load_state_dict_file(tmp_path / "list.pt")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match=r"^cannot read .*corrupt\.safetensors as safetensors: "):
+        load_teacher("cifar/resnet8", 10, tmp_path / "corrupt.safetensors")
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "no_weights.pt")
     with pytest.raises(ModelError, match=re.escape("found dict with keys ['epoch', 'optimizer']")):
         load_state_dict_file(tmp_path / "no_weights.pt")

@@ -44,7 +44,10 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise ModelError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
-        return _strip_wrapper_prefixes(safetensors.torch.load_file(path, device="cpu")), {}
+        try:
+            return _strip_wrapper_prefixes(safetensors.torch.load_file(path, device="cpu")), {}
+        except Exception as error:
+            raise ModelError(f"cannot read {path} as safetensors: {type(error).__name__}: {error}") from error
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -65,7 +68,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         raise ModelError(
             f"{path} holds no state_dict: expected a dict of tensors, a unikd checkpoint, or a dict with a "
             f"'state_dict' or 'model' entry; found {type(obj).__name__}"
-            + (f" with keys {sorted(obj)[:_MAX_LISTED]}" if isinstance(obj, dict) else "")
+            + (f" with keys {sorted(map(str, obj))[:_MAX_LISTED]}" if isinstance(obj, dict) else "")
         )
     return _strip_wrapper_prefixes(obj), metadata
 
