@@ -5,13 +5,15 @@ student forward (with the extra output the method needs), the teacher forward fo
 for both), the loss, backward and an SGD step. The two variants of a pair alternate step by step (AB, BA, AB, ...)
 after a warm-up, so that machine noise hits both alike. The table gives each variant's median step time, and for
 the pair the median (and interquartile range) of the per-round paired ratios candidate / reference - 1, in wall
-time and, on CPU, in process CPU time: on a shared machine the CPU time is the less noisy of the two, since time
-spent waiting for the cores is not counted.
+time and, on CPU, in process CPU time. On a shared machine the CPU time with ``--threads 1`` is the robust measure:
+time spent waiting for a core is not counted, and with one thread no CPU time is burnt spin-waiting for a
+descheduled partner thread.
 
 Peak memory: on CUDA, the peak allocated during a step above what was allocated before it
 (``torch.cuda.max_memory_allocated``), maximum over steps. On CPU there is no allocator statistic, so each variant
-runs a few steps in a fresh process, single-threaded, and the peak RSS (Linux VmHWM, reset just before the first
-step) above the RSS before it is reported; it is approximate (allocator caching, page granularity).
+runs in a fresh single-threaded process with a fixed malloc mmap threshold, and the peak RSS (Linux VmHWM) of two
+steps above the RSS before them (after one untimed step) is reported; it is approximate (page granularity, small
+blocks cached by malloc) but repeatable to about 0.2 MiB.
 
     python benchmarks/overhead.py --device cpu --steps 20 --batch-size 16 --models cifar,vit
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import resource
 import statistics
 import time
@@ -151,15 +154,36 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def cpu_peak_rss_delta(variant: Variant, setup_name: str, batch_size: int, steps: int = 3) -> int:
-    """Peak RSS during ``steps`` steps above the RSS before the first; run in a fresh process."""
+def cpu_peak_rss_delta(variant: Variant, setup_name: str, batch_size: int, steps: int = 2) -> int:
+    """Peak RSS during ``steps`` steps above the RSS before them; run in a fresh process.
+
+    One step runs first, so that gradients, optimizer state and the code pages of the kernels used are already
+    resident: like the CUDA figure, the delta is the memory a step needs on top of the trained state.
+    """
     torch.set_num_threads(1)  # the probe only measures memory; leave the cores to the timing
     trainer = Trainer(variant, SETUPS[setup_name], batch_size, torch.device("cpu"))
+    trainer.step()
     before = _rss_bytes()
     _reset_peak_rss()
     for _ in range(steps):
         trainer.step()
     return _peak_rss_bytes() - before
+
+
+def cpu_peak_rss_delta_in_fresh_process(variant: Variant, setup_name: str, batch_size: int) -> int:
+    """:func:`cpu_peak_rss_delta` in a new process whose malloc returns every block of 64 KiB or more to the system
+    when freed (a fixed mmap threshold), so that the RSS follows the live tensors instead of glibc's cached heap."""
+    context = multiprocessing.get_context("spawn")
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # read by the child's glibc at start-up
+    try:
+        with context.Pool(1) as pool:
+            return pool.apply(cpu_peak_rss_delta, (variant, setup_name, batch_size))
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -188,9 +212,7 @@ def measure_pair(
             timings[i].record_step(trainers[i], device)
     peaks = [timing.peak_bytes for timing in timings]
     if device.type == "cpu":
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(1, maxtasksperchild=1) as pool:  # one fresh process per variant
-            peaks = [pool.apply(cpu_peak_rss_delta, (variant, setup_name, args.batch_size)) for variant in pair]
+        peaks = [cpu_peak_rss_delta_in_fresh_process(variant, setup_name, args.batch_size) for variant in pair]
 
     rows = []
     for variant, timing, peak in zip(pair, timings, peaks):
@@ -216,6 +238,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--models", default="cifar,vit", help=f"comma-separated, from: {', '.join(SETUPS)}")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's); 1 keeps CPU time exact when shared"
+    )
     args = parser.parse_args()
     names = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in names if name not in SETUPS]
@@ -224,8 +249,14 @@ def main() -> None:
     if args.steps < 2:
         parser.error("--steps: need at least 2 timed steps for quartiles")
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, torch threads: {torch.get_num_threads()}"
+    )
     memory = "peak allocated above resident, per step" if device.type == "cuda" else "peak RSS delta, approximate"
     print(f"# step overhead on {where}; batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
     print(f"# torch {torch.__version__}, {NUM_CLASSES} classes, SGD; teacher forward included for kd and nkd\n")
