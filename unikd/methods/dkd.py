@@ -1,9 +1,9 @@
 """Zhao et al. 2022, "Decoupled Knowledge Distillation" (DKD).
 
-Defaults are the paper's and mdistiller's: T=4, alpha=1 (TCKD), beta=8 (NCKD), CE weight 1, and mdistiller's
-linear warm-up of the DKD term over the first 20 epochs. mdistiller multiplies by ``min(epoch / warmup, 1)`` with a
-1-based integer epoch; here ``progress`` is the fractional epoch count (0 at the first step), so the ramp is the
-same line sampled continuously.
+Defaults are the paper's CIFAR-100 setting as in mdistiller's ``engine/cfg.py``: T=4, alpha=1 (TCKD), beta=8
+(NCKD), CE weight 1, and a linear warm-up of the DKD term over the first 20 epochs. The weight is
+``min(progress / warmup, 1)`` with ``progress`` the fractional epoch count (0 at the first step); mdistiller uses
+the same formula with the 1-based integer epoch, a staircase one epoch ahead of this ramp.
 """
 
 from __future__ import annotations

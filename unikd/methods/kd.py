@@ -1,7 +1,8 @@
 """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (KD).
 
-Defaults are mdistiller's CIFAR-100 setting (``configs/cifar100/kd.yaml``: T=4, CE weight 0.1, KD weight 0.9); the
-KD term includes the usual T^2 factor.
+Defaults are mdistiller's CIFAR-100 setting (``mdistiller/engine/cfg.py``: ``KD.TEMPERATURE=4``,
+``KD.LOSS.CE_WEIGHT=0.1``, ``KD.LOSS.KD_WEIGHT=0.9``); the KD term includes the usual T^2 factor. Hinton et al. give
+no single weighting; set ``ce_weight=1, kd_weight=1`` (or others) for other protocols.
 """
 
 from __future__ import annotations
