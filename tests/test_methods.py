@@ -107,6 +107,7 @@ def test_dkd_warmup_scales_the_dkd_term_linearly_over_20_epochs():
         torch.testing.assert_close(terms["loss_ce"], F.cross_entropy(student.logits, target))
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss:UserWarning")  # released code's reduction
 def test_tfkd_matches_the_released_loss_function():
     """Yuan et al.'s ``loss_kd_regularization``, re-typed here: (1 - alpha) CE + alpha * multiplier * KLDivLoss()."""
     alpha, temperature, multiplier, correct_prob = 0.1, 20.0, 100.0, 0.99
