@@ -30,7 +30,7 @@ def soft_label_report(
     targets: torch.Tensor,
     class_names: Sequence[str],
     *,
-    layer: str = "mid",
+    layer: str | int = "mid",
     top_k: int = 3,
 ) -> list[dict[str, Any]]:
     """USKD soft labels of each image: its target value and its ``top_k`` non-target classes.
