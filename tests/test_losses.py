@@ -403,3 +403,14 @@ def test_uskd_rank_order_breaks_ties_by_lower_index(dtype):
     order = _descending_order(scores)
     assert torch.equal(order, scores.argsort(dim=1, descending=True, stable=True))
     assert order[0].tolist() == list(range(300))
+
+
+def test_saturated_teacher_or_student_stays_finite():
+    # A target probability of exactly 1.0 in float32 (log(1 - p) = -inf if formed naively).
+    saturated = torch.tensor([[0.0, -200, -300, -400, -500]] * 4)
+    target = torch.zeros(4, dtype=torch.long)
+    for student, teacher in ((torch.randn(4, 5), saturated), (saturated.clone(), torch.randn(4, 5))):
+        student.requires_grad_(True)
+        for loss in (L.dkd_loss(student, teacher, target), L.nkd_loss(student, teacher, target)):
+            (grad,) = torch.autograd.grad(loss, student)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all()
