@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted([*REPO.glob("configs/cifar100_*.yaml"), *REPO.glob("configs/imagenet_*.yaml")])
 NUM_CLASSES = {"cifar100": 100, "imagefolder": 1000}
 # Input sizes other than 32. ViTs take theirs in the constructor (patch 16: 2x2 patches; Swin: 16x16 tokens of 4
-# pixels, which its window 7 pads). ShuffleNetV2 ends at 1x1 for 32 pixels, and its batch norms over 2 values each then
-# blow the weights up in one step (a tiny-input artifact: at 64 it trains and evaluates fine).
+# pixels, which timm runs with window 7). ShuffleNetV2 ends at 1x1 for 32 pixels, and its batch norms over 2 values
+# each then blow the weights up in one step (a tiny-input artifact: at 64 it trains and evaluates fine).
 IMG_SIZE = {
     "timm/deit_tiny_patch16_224": 32,
     "timm/deit_small_patch16_224": 32,
