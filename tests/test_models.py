@@ -468,3 +468,12 @@ def test_unsafe_missing_and_empty_checkpoints(tmp_path):
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "no_weights.pt")
     with pytest.raises(ModelError, match=re.escape("found dict with keys ['epoch', 'optimizer']")):
         load_state_dict_file(tmp_path / "no_weights.pt")
+
+
+def test_torchvision_models_take_the_trainers_rgb_in_chans_and_reject_others():
+    model = create_model("tv/shufflenet_v2_x1_0", 10, in_chans=3)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    with pytest.raises(
+        ModelError, match=r"tv/shufflenet_v2_x1_0: torchvision models take 3-channel images, got in_chans=1"
+    ):
+        create_model("tv/shufflenet_v2_x1_0", 10, in_chans=1)

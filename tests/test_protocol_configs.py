@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from unikd.config import load_config
-from unikd.models import ModelError, create_model, export_state_dict
+from unikd.models import create_model, export_state_dict
 from unikd.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,17 +127,7 @@ def tiny_overrides(path: Path, tmp_path: Path) -> list[str]:
     return overrides
 
 
-def with_known_failures(paths: list[Path]) -> list:
-    """``paths`` as pytest params; torchvision students fail until the trainer stops passing them ``in_chans``."""
-    torchvision_student = pytest.mark.xfail(
-        raises=ModelError, strict=False, reason="the trainer passes in_chans=3, which torchvision models do not accept"
-    )
-    return [
-        pytest.param(path, marks=torchvision_student if "student: tv/" in path.read_text() else ()) for path in paths
-    ]
-
-
-@pytest.mark.parametrize("path", with_known_failures(CONFIGS), ids=config_id)
+@pytest.mark.parametrize("path", CONFIGS, ids=config_id)
 def test_config_trains_one_step_on_fake_data(path: Path, tmp_path: Path):
     cfg = load_config(path, tiny_overrides(path, tmp_path))
     result = train(cfg)

@@ -77,6 +77,10 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, **kwa
         if namespace == "timm":
             return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs)
         if namespace == "tv":
+            # torchvision's constructors have no in_chans: accept the RGB default the trainer always passes.
+            if kwargs.get("in_chans", 3) != 3:
+                raise ModelError(f"{name}: torchvision models take 3-channel images, got in_chans={kwargs['in_chans']}")
+            kwargs.pop("in_chans", None)
             weights = "DEFAULT" if pretrained else None
             return torchvision.models.get_model(arch, weights=weights, num_classes=num_classes, **kwargs)
         return CIFAR_MODELS[arch](num_classes=num_classes, **kwargs)
