@@ -1,6 +1,6 @@
 """``make demo``: baseline and USKD side by side on Fashion-MNIST, and the soft labels USKD taught itself.
 
-    python -m unikd.demo [--out demo_out] [--epochs 3]
+    python -m unikd.demo [--out demo_out] [--epochs 4]
 
 Trains the small CNN twice from the same seed (same initialisation, same data order): once with plain
 cross-entropy, once with USKD. Prints top-1 and epoch time per method, writes the accuracy curves to
@@ -24,7 +24,7 @@ SHOWCASE_CLASSES = ("Shirt", "Pullover", "Sneaker")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per method (default: 3)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per method (default: 4)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)

@@ -101,30 +101,32 @@ def target_class(target: torch.Tensor) -> torch.Tensor:
     return target if target.dim() == 1 else target.argmax(dim=1)
 
 
-def column_mask(logits: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Boolean (N, C) mask, True at the given columns (N, k)."""
-    return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, columns, True)
+def mask_columns(logits: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """A copy of (N, C) logits with the given columns (N, k) set to the dtype's most negative value.
 
-
-def mask_columns(logits: torch.Tensor, columns_or_mask: torch.Tensor) -> torch.Tensor:
-    """Logits (N, C) with the given columns (N, k), or a boolean (N, C) mask, set to the dtype's most negative value.
-
-    A softmax over the result is the softmax over the remaining classes, with exactly zero mass on the masked
-    ones; unlike boolean-mask indexing it keeps the (N, C) layout, so no copy and no reshape per call.
+    A softmax over the result is the softmax over the remaining classes with exactly zero mass on the masked ones;
+    unlike boolean-mask indexing it keeps the (N, C) layout, so no gather into a ragged copy.
     """
-    mask = columns_or_mask if columns_or_mask.dtype == torch.bool else column_mask(logits, columns_or_mask)
-    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+    return logits.scatter(1, columns, torch.finfo(logits.dtype).min)
 
 
-def non_target_softmax(scaled_logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Softmax over the unmasked classes of (N, C) logits, with what NKD and DKD need beside it.
+def non_target_softmax(scaled_logits: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Softmax over the classes not in ``columns`` (N, k) of (N, C) logits, with its log-normaliser.
 
-    Returns ``(masked_logits, log_norm, probs)``: the logits with masked columns at the dtype's minimum, the
-    log-sum-exp over the unmasked classes (N, 1), and the renormalised probabilities (N, C), zero where masked.
+    Returns ``(masked, probs, log_norm)``: the logits with the columns masked (see :func:`mask_columns`), the
+    renormalised probabilities (N, C) (exactly 0 at the columns), and the log-sum-exp over the other classes (N, 1).
+    One fused softmax does the work; the log-normaliser is read back at each row's largest entry,
+    ``lse = max_j z_j - log max_j p_j``, where p >= 1/C keeps the log exact.
     """
-    masked = mask_columns(scaled_logits, mask)
-    log_norm = masked.logsumexp(dim=1, keepdim=True)
-    return masked, log_norm, (masked - log_norm).exp_()
+    masked = mask_columns(scaled_logits, columns)
+    probs = F.softmax(masked, dim=1)
+    log_norm = masked.amax(dim=1, keepdim=True) - probs.amax(dim=1, keepdim=True).log()
+    return masked, probs, log_norm
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a_ij b_ij per row, (N, 1), without an (N, C) temporary."""
+    return torch.linalg.vecdot(a, b, dim=1).unsqueeze(1)
 
 
 class _PrecomputedGradient(torch.autograd.Function):

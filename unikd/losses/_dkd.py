@@ -10,9 +10,9 @@ from unikd.losses._common import (
     check_logits,
     check_positive,
     check_target,
-    column_mask,
     full_precision,
     non_target_softmax,
+    row_dot,
     with_gradient,
 )
 
@@ -29,9 +29,8 @@ def _dkd_value_and_gradient(
     Built from the softmax over the non-target classes and the non-target log-sum-exp, so log(1 - p_t) is never
     formed by subtraction: a saturated p_t (huge logits) stays finite and exact.
     """
-    mask = column_mask(student_scaled, target_column)
-    student_masked, student_log_norm, student_non_target = non_target_softmax(student_scaled, mask)
-    teacher_masked, teacher_log_norm, teacher_non_target = non_target_softmax(teacher_scaled, mask)
+    student_masked, student_non_target, student_log_norm = non_target_softmax(student_scaled, target_column)
+    teacher_masked, teacher_non_target, teacher_log_norm = non_target_softmax(teacher_scaled, target_column)
     # log p_t = -softplus(lse_nt - z_t), log(1 - p_t) = -softplus(z_t - lse_nt).
     student_gap = student_log_norm - student_scaled.gather(1, target_column)
     teacher_gap = teacher_log_norm - teacher_scaled.gather(1, target_column)
@@ -43,14 +42,13 @@ def _dkd_value_and_gradient(
     tckd = teacher_target * (teacher_log_target - student_log_target) + teacher_rest * (
         teacher_log_rest - student_log_rest
     )
-    # NCKD: KL between the non-target distributions (Eq. 3): sum_i q_i (z^t_i - z^s_i) - lse^t_nt + lse^s_nt.
-    nckd = (teacher_non_target * (teacher_masked - student_masked)).sum(dim=1, keepdim=True)
-    nckd += student_log_norm - teacher_log_norm
+    # NCKD: KL between the non-target distributions (Eq. 3): sum_i q_i (log q_i - log p_i)
+    # = q . (z^t - z^s) - lse^t_nt + lse^s_nt, with q zero at the target.
+    nckd = row_dot(teacher_non_target, teacher_masked - student_masked) - teacher_log_norm + student_log_norm
 
     # d/dz_j: alpha * (p_j - b^t_t [j = t] - b^t_rest p-hat_j) + beta * (p-hat_j - q-hat_j), with
     # p_j = (1 - p_t) p-hat_j off the target.
-    student_rest = student_log_rest.exp()
-    gradient = student_non_target * (alpha * (student_rest - teacher_rest) + beta)
+    gradient = student_non_target.mul_(alpha * (student_log_rest.exp() - teacher_rest) + beta)
     gradient.sub_(teacher_non_target, alpha=beta)
     gradient.scatter_add_(1, target_column, alpha * (student_log_target.exp() - teacher_target))
     return alpha * tckd + beta * nckd, gradient

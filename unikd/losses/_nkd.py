@@ -11,9 +11,9 @@ from unikd.losses._common import (
     check_logits,
     check_positive,
     check_target,
-    column_mask,
     full_precision,
     non_target_softmax,
+    row_dot,
     target_class,
     with_gradient,
 )
@@ -55,31 +55,34 @@ def nkd_loss(
     with torch.no_grad():
         student, teacher = student_logits.detach(), teacher_logits.detach()
         target_column = target_class(target).unsqueeze(1)  # (N, 1)
-        mask = column_mask(student, target_column)
         student_target, teacher_target = student.gather(1, target_column), teacher.gather(1, target_column)
 
         # Target part at temperature 1, from the non-target log-sum-exps: log S_t = -softplus(lse_nt - s_t) and
         # 1 - S_t = sigmoid(lse_nt - s_t) stay exact when S_t saturates.
-        student_masked, student_log_norm, student_non_target = non_target_softmax(student, mask)
-        _, teacher_log_norm, teacher_non_target = non_target_softmax(teacher, mask)
-        student_log_target = -F.softplus(student_log_norm - student_target)
-        student_rest = torch.sigmoid(student_log_norm - student_target)
-        teacher_target_prob = torch.sigmoid(teacher_target - teacher_log_norm)
-        # d(-T_t log S_t)/ds = T_t (S - onehot) = T_t (1 - S_t) (N(S) - onehot), N(S) the non-target softmax.
-        target_weight = teacher_target_prob * student_rest
-        gradient = target_weight * student_non_target
+        student_masked, student_non_target, student_log_norm = non_target_softmax(student, target_column)
+        _, teacher_non_target, teacher_log_norm = non_target_softmax(teacher, target_column)
+        teacher_target_prob = torch.sigmoid(teacher_target - teacher_log_norm)  # T_t
+        loss_target = teacher_target_prob * F.softplus(student_log_norm - student_target)
+        # d(-T_t log S_t)/ds = T_t (S - onehot) = T_t (1 - S_t) (N(S) - onehot), N(S) the non-target softmax, and
+        # d(gamma T^2 CE(N(T^tau), N(S^tau)))/ds = gamma T (N(S^tau) - N(T^tau)).
+        target_weight = teacher_target_prob * torch.sigmoid(student_log_norm - student_target)
+        scale = gamma * temperature
+        if temperature == 1.0:
+            gradient = student_non_target.mul(target_weight + scale)
+        else:
+            gradient = student_non_target.mul_(target_weight)
+            student_masked, student_non_target, student_log_norm = non_target_softmax(
+                student / temperature, target_column
+            )
+            _, teacher_non_target, _ = non_target_softmax(teacher / temperature, target_column)
+            gradient.add_(student_non_target, alpha=scale)
+        gradient.sub_(teacher_non_target, alpha=scale)
         gradient.scatter_add_(1, target_column, -target_weight)
-
-        # Non-target part at the temperature (reusing the temperature-1 softmaxes when it is 1).
-        if temperature != 1.0:
-            student_masked, student_log_norm, student_non_target = non_target_softmax(student / temperature, mask)
-            _, _, teacher_non_target = non_target_softmax(teacher / temperature, mask)
-        # -sum_i q_i log p_i = lse_nt - sum_i q_i z_i with q zero at the target.
-        non_target_ce = student_log_norm - (teacher_non_target * student_masked).sum(dim=1, keepdim=True)
-        gradient.add_(student_non_target.sub_(teacher_non_target), alpha=gamma * temperature)
-
-        value = (-teacher_target_prob * student_log_target + gamma * temperature**2 * non_target_ce).mean()
         gradient.div_(student.shape[0])
+
+        # CE(N(T^tau), N(S^tau)) = -sum_i q_i (z_i - lse_nt) = lse_nt - q . z, with q zero at the target.
+        non_target_ce = student_log_norm - row_dot(teacher_non_target, student_masked)
+        value = (loss_target + gamma * temperature**2 * non_target_ce).mean()
     return with_gradient(student_logits, value, gradient)
 
 

@@ -20,9 +20,9 @@ from unikd.losses._common import (
     check_choice,
     check_logits,
     check_target,
-    column_mask,
     full_precision,
     non_target_softmax,
+    row_dot,
     with_gradient,
 )
 
@@ -175,12 +175,12 @@ def uskd_loss(
         log_probs = F.log_softmax(student, dim=1)
         probs = log_probs.exp()
         soft = _soft_labels(probs, log_probs, weak_logits.detach(), classes, values, rank)
-        masked, log_norm, non_target_probs = non_target_softmax(student, column_mask(student, classes))
+        masked, non_target_probs, log_norm = non_target_softmax(student, classes)
         zipf_mass = soft.non_target.sum(dim=1, keepdim=True)  # 1, or 0 when every class is a target
 
-        loss_target = -(soft.target_values * log_probs.gather(1, classes)).sum(dim=1)
-        # -sum_i Z_i log N(S)_i = mass * lse_nt - sum_i Z_i s_i, with Z zero at the targets.
-        loss_non_target = (zipf_mass * log_norm).squeeze(1) - (soft.non_target * masked).sum(dim=1)
+        loss_target = -(soft.target_values * log_probs.gather(1, classes)).sum(dim=1, keepdim=True)
+        # -sum_i Z_i log N(S)_i = mass * lse_nt - Z . s, with Z zero at the targets.
+        loss_non_target = zipf_mass * log_norm - row_dot(soft.non_target, masked)
         value = (alpha * loss_target + beta * loss_non_target).mean()
 
         # d/ds: alpha * (sum_k T_k S - sum_k T_k e_k) + beta * (mass * N(S) - Z).

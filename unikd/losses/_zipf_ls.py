@@ -4,6 +4,7 @@ dense-vote, hard-rank variant of the released code (``--dense --rank hard --dist
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from unikd.losses._common import (
     LossModule,
@@ -13,7 +14,6 @@ from unikd.losses._common import (
     entropy,
     full_precision,
     mask_columns,
-    soft_cross_entropy,
     target_class,
 )
 
@@ -69,7 +69,8 @@ def zipf_ls_loss(
         raise ValueError(f"dense_logits: shape {tuple(dense_logits.shape)} does not match student_logits ({n}, {c})")
     target_column = target_class(target).unsqueeze(1)
     zipf = zipf_ls_distribution(dense_logits.detach().to(student_logits.dtype), target_column, power=power)
-    return soft_cross_entropy(mask_columns(student_logits, target_column), zipf) - entropy(zipf)
+    log_non_target = F.log_softmax(mask_columns(student_logits, target_column), dim=1)
+    return -(zipf * log_non_target).sum(dim=1).mean() - entropy(zipf)
 
 
 class ZipfLSLoss(LossModule):
