@@ -61,8 +61,8 @@ _CIFAR_KD_SECTIONS = {
 
 PROFILES: dict[str, Profile] = {
     "fmnist-cpu": Profile(
-        description="Fashion-MNIST, cifar/smallcnn student, cifar/resnet20 teacher (3 epochs on the full training set); "
-        "sized for under an hour on 2 CPU cores: each run trains 4 epochs on a fixed 20k-image subset.",
+        description="Fashion-MNIST, cifar/smallcnn student, cifar/resnet20 teacher (3 epochs on the full training "
+        "set); sized for under an hour on 2 CPU cores: each run trains 4 epochs on a fixed 20k-image subset.",
         configs=_per_method_configs("fmnist", SELF_KD_METHODS + TEACHER_METHODS),
         seeds=(0, 1, 2),
         overrides=("train.epochs=4", "data.train_subset=20000", "train.progress=false", "data.num_workers=0"),
