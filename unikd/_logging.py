@@ -61,8 +61,20 @@ class MetricsWriter:
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
-    """A tqdm bar over one epoch's steps (``initial`` > 0 after a mid-epoch resume); silent when not ``enabled``."""
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+    """A tqdm bar over one epoch's steps (``initial`` > 0 after a mid-epoch resume); silent when not ``enabled``.
+
+    Redirected to a file or a pipe, the bar refreshes every 30 s instead of every step, so logs stay readable.
+    """
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+        leave=False,
+        mininterval=interval,
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:
