@@ -68,7 +68,7 @@ def nkd_loss(
         target_weight = teacher_target_prob * torch.sigmoid(student_log_norm - student_target)
         scale = gamma * temperature
         if temperature == 1.0:
-            gradient = student_non_target.mul(target_weight + scale)
+            gradient = student_non_target.mul_(target_weight + scale)
         else:
             gradient = student_non_target.mul_(target_weight)
             student_masked, student_non_target, student_log_norm = non_target_softmax(
