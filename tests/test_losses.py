@@ -243,6 +243,11 @@ def _all_losses(student, teacher, target, weak, dense):
         "wsld": L.wsld_loss(student, teacher, target),
         "uskd": L.uskd_loss(student, weak, target),
         "uskd_released": L.uskd_loss(student, weak, target, rank="released"),
+        "nkd_binary_kd_terms": L.nkd_loss(student, teacher, target, target_loss="t1+t2", non_target_loss="kd"),
+        "uskd_variants": L.uskd_loss(
+            student, weak, target, rank="sum", target_soft_label="softmax", target_loss="t1+t2", batch_mean_group=2
+        ),
+        "zipf_ls_bilinear": L.zipf_ls_loss(student, dense, target, upsample="bilinear"),
         "tfkd": L.tfkd_loss(student, target),
         "zipf_ls": L.zipf_ls_loss(student, dense, target),
     }
