@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unikd import losses
 from unikd.methods import METHODS, StudentOutput, create_method, forward_student, method_defaults
 
 NUM_CLASSES = 5
@@ -129,11 +130,26 @@ def test_defaults_follow_the_papers_and_released_configs():
     assert method_defaults("baseline") == {}
     assert method_defaults("ls") == {"smoothing": 0.1}
     assert method_defaults("tfkd") == {"alpha": 0.1, "multiplier": 100.0, "temperature": 20.0, "correct_prob": 0.99}
-    assert method_defaults("zipf_ls") == {"loss_lambda": 0.1, "power": 1.0}
-    assert method_defaults("uskd") == {"alpha": 1.0, "beta": 0.1, "mu": 0.005, "rank": "paper"}
+    assert method_defaults("zipf_ls") == {"loss_lambda": 0.1, "power": 1.0, "upsample": "none"}
+    assert method_defaults("uskd") == {
+        "alpha": 1.0,
+        "beta": 0.1,
+        "mu": 0.005,
+        "rank": "paper",
+        "target_soft_label": "squared",
+        "target_loss": "t1",
+        "batch_mean_group": 0,
+        "weak_norm": "none",
+    }
     assert method_defaults("kd") == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
     assert method_defaults("dkd") == {"temperature": 4.0, "alpha": 1.0, "beta": 8.0, "ce_weight": 1.0, "warmup": 20.0}
-    assert method_defaults("nkd") == {"temperature": 1.0, "gamma": 1.5, "ce_weight": 1.0}
+    assert method_defaults("nkd") == {
+        "temperature": 1.0,
+        "gamma": 1.5,
+        "ce_weight": 1.0,
+        "target_loss": "t1",
+        "non_target_loss": "normalized",
+    }
     assert method_defaults("wsld") == {"temperature": 2.0, "alpha": 2.5, "ce_weight": 1.0}
 
 
@@ -169,7 +185,7 @@ def test_unknown_method_names_the_valid_ones():
 def test_unknown_hyper_parameter_is_rejected_with_a_suggestion():
     message = (
         "method.temprature: unknown hyper-parameter of method 'nkd' (did you mean 'temperature'?); "
-        "valid: ce_weight, gamma, temperature"
+        "valid: ce_weight, gamma, non_target_loss, target_loss, temperature"
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         create_method("nkd", NUM_CLASSES, temprature=2.0)
@@ -187,7 +203,8 @@ def test_teacher_method_without_teacher_logits_fails_clearly(name):
 def test_uskd_without_feature_dim_or_with_a_bad_rank_fails_clearly():
     with pytest.raises(ValueError, match=re.escape("method 'uskd' needs feature_dim")):
         create_method("uskd", NUM_CLASSES)
-    with pytest.raises(ValueError, match=re.escape("method.rank: 'paperr' is not one of paper, released")):
+    message = "method.rank: 'paperr' is not one of final, paper, released, sum, weak (did you mean 'paper'?)"
+    with pytest.raises(ValueError, match=re.escape(message)):
         create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM, rank="paperr")
     assert create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM, rank="released").rank == "released"
 
@@ -262,3 +279,99 @@ def test_every_method_learns_a_separable_toy_problem(name):
     assert loss_after < 0.7 * loss_before
     assert accuracy_before < 0.5
     assert accuracy_after > 0.9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's ablation variants as method options (issue 11): they reach the loss, and each instance declares what
+# the trainer must give it.
+
+VARIANTS = [
+    ("nkd", {"target_loss": "t2"}),
+    ("nkd", {"target_loss": "t1+t2", "non_target_loss": "kd", "temperature": 2.0}),
+    ("nkd", {"non_target_loss": "none"}),
+    ("uskd", {"rank": "weak"}),
+    ("uskd", {"rank": "sum", "target_soft_label": "softmax"}),
+    ("uskd", {"target_soft_label": "unsquared", "target_loss": "t1+t2"}),
+    ("uskd", {"target_soft_label": "teacher"}),
+    ("uskd", {"target_soft_label": "ema", "target_loss": "t2"}),
+    ("uskd", {"beta": 0.0, "mu": 0.0}),
+    ("uskd", {"alpha": 0.0}),
+    ("uskd", {"batch_mean_group": 4}),
+    ("zipf_ls", {"upsample": "bilinear"}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), VARIANTS, ids=lambda x: str(x))
+def test_variants_reach_the_loss_and_train(name, params):
+    method = create_method(name, NUM_CLASSES, feature_dim=FEATURE_DIM, **params)
+    student, teacher_logits = _outputs()
+    student = StudentOutput(student.logits, student.feature, student.dense_logits.reshape(8, 4, NUM_CLASSES))
+    target = _targets()["index"]
+    terms = method(student, target, teacher_logits=teacher_logits)
+    term = terms[f"loss_{method.term_name}"]
+    if name == "nkd":
+        expected = losses.nkd_loss(student.logits, teacher_logits, target, **params)
+    elif name == "zipf_ls":
+        expected = 0.1 * losses.zipf_ls_loss(student.logits, student.dense_logits, target, **params)
+    else:
+        weak = method.weak_head(student.feature) if method.student_output else None
+        given = teacher_logits if params.get("target_soft_label") in ("teacher", "ema") else None
+        expected = losses.uskd_loss(student.logits, weak, target, given, **params)
+    assert term.item() == pytest.approx(expected.item(), rel=1e-6)
+    sum(terms.values()).backward()
+    assert student.logits.grad.abs().sum() > 0 and teacher_logits.grad is None
+
+
+def test_uskd_declares_what_the_trainer_must_provide():
+    default = create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM)
+    assert (default.student_output, default.teacher_source, default.needs_teacher) == ("feature", None, False)
+    teacher = create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM, target_soft_label="teacher")
+    assert (teacher.teacher_source, teacher.needs_teacher) == ("checkpoint", True)
+    ema = create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM, target_soft_label="ema")
+    assert (ema.teacher_source, ema.needs_teacher) == ("ema", False)
+    # The class answers before any model exists (what the config needs to validate up front).
+    assert METHODS["uskd"].teacher_source_for({"target_soft_label": "teacher"}) == "checkpoint"
+    assert METHODS["uskd"].teacher_source_for({}) is None
+    # Target-only USKD without L_weak needs no feature and has no weak head at all (Table 6).
+    target_only = create_method("uskd", NUM_CLASSES, beta=0.0, mu=0.0)
+    assert target_only.student_output is None and dict(target_only.state_dict()) == {}
+    final_rank = create_method("uskd", NUM_CLASSES, rank="final", mu=0.0)
+    assert final_rank.student_output is None
+    assert create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM, beta=0.0).student_output == "feature"
+
+
+def test_uskd_soft_labels_from_a_teacher_or_ema_need_its_logits():
+    student, _ = _outputs()
+    target = _targets()["index"]
+    teacher = create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM, target_soft_label="teacher")
+    with pytest.raises(ValueError, match=re.escape("method 'uskd' needs teacher_logits: set model.teacher")):
+        teacher(student, target)
+    ema = create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM, target_soft_label="ema")
+    message = "method 'uskd' with target_soft_label='ema' needs teacher_logits from an EMA copy of the student"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ema(student, target)
+
+
+def test_uskd_weak_norm_is_a_per_location_layernorm_before_pooling():
+    torch.manual_seed(0)
+    method = create_method("uskd", NUM_CLASSES, feature_dim=FEATURE_DIM, weak_norm="layernorm")
+    assert method.student_output == "feature_map"
+    assert {"weak_head_norm.weight", "weak_head_norm.bias", "weak_head.weight", "weak_head.bias"} == set(
+        method.state_dict()
+    )
+    with torch.no_grad():
+        method.weak_head_norm.weight.uniform_(0.5, 1.5)
+        method.weak_head_norm.bias.uniform_(-0.5, 0.5)
+    feature_map = torch.randn(8, 9, FEATURE_DIM, requires_grad=True)  # (N, L = 3x3 locations, D)
+    # mmpretrain: out = norm2(stage-3 tokens), then the neck's global average pooling, then the weak head.
+    mean = feature_map.mean(-1, keepdim=True)
+    variance = feature_map.var(-1, unbiased=False, keepdim=True)
+    normalised = (feature_map - mean) / torch.sqrt(variance + 1e-5) * method.weak_head_norm.weight
+    expected = method.weak_head((normalised + method.weak_head_norm.bias).mean(1))
+    torch.testing.assert_close(method.weak_logits(feature_map), expected)
+    student = StudentOutput(logits=torch.randn(8, NUM_CLASSES, requires_grad=True), feature=feature_map)
+    sum(method(student, _targets()["index"]).values()).backward()
+    assert method.weak_head_norm.weight.grad.abs().sum() > 0 and feature_map.grad.abs().sum() > 0
+    message = "method 'uskd' with weak_norm='layernorm' normalises each location before pooling"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        method.weak_logits(torch.randn(8, FEATURE_DIM))
