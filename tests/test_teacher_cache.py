@@ -104,7 +104,8 @@ def test_file_size_is_epoch_bytes_and_cifar100_takes_20_mb_an_epoch(tmp_path):
         cache.put(keys, _logits(keys))
     cache.put(_keys(0, range(60, 64), batch=6), _logits(_keys(0, range(60, 64))))
     cache.close()
-    assert _record_files(cache)[0].stat().st_size == epoch_bytes(64, 10, NUM_CLASSES)
+    assert _record_files(cache)[0].stat().st_size == epoch_bytes(64, 10, NUM_CLASSES) == cache.stored_bytes()
+    assert _cache(tmp_path, seed=1).stored_bytes() == 0
     assert epoch_bytes(50000 // 128 * 128, 128, 100) == 390 * (HEADER_BYTES + 128 * (8 + 400)) == 20_382_960
 
 
@@ -147,7 +148,10 @@ def test_a_torn_or_garbled_tail_is_never_read(tmp_path):
     reader = _cache(tmp_path)
     assert reader.status(torch.cat(batches)).cached == 16  # the header and rows of record 1 are intact...
     assert reader.get(batches[1]) is None  # ...its logits fail their checksum: a miss
-    assert reader.status(torch.cat(batches)).cached == 8 and torch.equal(reader.get(batches[0]), _logits(batches[0]))
+    assert reader.status(torch.cat(batches)) == _teacher_cache.CacheStatus(
+        8, 24, "16 of 24 teacher logits of seed 0, epoch 0 are not cached (2 damaged records ignored)"
+    )
+    assert torch.equal(reader.get(batches[0]), _logits(batches[0]))
     reader.put(batches[1], _logits(batches[1]))  # a run that recomputes them heals the entry
     assert torch.equal(reader.get(batches[1]), _logits(batches[1]))
 

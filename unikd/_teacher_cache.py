@@ -401,10 +401,12 @@ class TeacherCache:
             return CacheStatus(cached, len(rows))
         if not cached and self.mismatch is not None:
             return CacheStatus(cached, len(rows), self.mismatch)
-        other_seeds = sorted(p.name.removeprefix("seed-") for p in _subdirs(self.entry_dir) if p != self._seed_dir)
         reason = f"{len(rows) - cached} of {len(rows)} teacher logits of seed {self.seed}, epoch {epoch} are not cached"
-        if not cached and not self._seed_dir.is_dir() and other_seeds:
-            reason += f" (cached seeds: {', '.join(other_seeds)})"
+        if index.damaged:
+            reason += f" ({index.damaged} damaged records ignored)"
+        elif not cached and not self._seed_dir.is_dir():
+            seeds = [path.name.removeprefix("seed-") for path in _subdirs(self.entry_dir)]
+            reason += f" (cached seeds: {', '.join(seeds)})" if seeds else ""
         return CacheStatus(cached, len(rows), reason)
 
     def get(self, keys: torch.Tensor) -> torch.Tensor | None:
@@ -449,6 +451,11 @@ class TeacherCache:
             f"{len(cached)} rows differ); the cache is stale (a change the fingerprints do not see) or the teacher "
             f"is not deterministic here: delete {self.entry_dir}, or turn the teacher cache off"
         )
+
+    def stored_bytes(self) -> int:
+        """Bytes of this seed's record files (every epoch, every writer): with ``epoch_bytes`` a cheap estimate of
+        what a run still has to write, without scanning every epoch's records."""
+        return sum(path.stat().st_size for path in self._seed_dir.glob("epoch-*/*.rec"))
 
     def check_space(self, missing_rows: int, *, rows_per_record: int, epochs: int | None = None) -> int:
         """Raise ``UnikdError`` when the disk under ``root`` cannot hold ``missing_rows`` more logits rows written
@@ -662,6 +669,7 @@ class _EpochIndex:
         self.row = np.zeros(rows, dtype=np.int64)
         self.records: list[tuple[_RecordFile, int, int, int]] = []  # (file, logits offset, rows, logits CRC)
         self.files: dict[str, _RecordFile] = {}
+        self.damaged = 0  # records whose checksums failed (not a torn tail, which is never complete)
 
     def scan(self) -> None:
         try:
@@ -686,7 +694,8 @@ class _EpochIndex:
             head, (header_crc,) = header[: _HEADER.size], _HEADER_CRC.unpack(header[_HEADER.size :])
             magic, dtype_code, rows, classes, _, rows_crc, logits_crc = _HEADER.unpack(head)
             if magic != _MAGIC or zlib.crc32(head) != header_crc:
-                record_file.dead = True  # a torn or foreign header: its length cannot be trusted
+                record_file.dead = True  # a damaged or foreign header: its length cannot be trusted
+                self.damaged += 1
                 return
             logits_size = rows * classes * self.np_dtype.itemsize
             end = start + HEADER_BYTES + 8 * rows + logits_size
@@ -695,6 +704,7 @@ class _EpochIndex:
             record_file.offset = end
             rows_block = os.pread(record_file.fd, 8 * rows, start + HEADER_BYTES)
             if zlib.crc32(rows_block) != rows_crc or dtype_code != self.dtype_code or classes != self.num_classes:
+                self.damaged += 1
                 continue
             keys = np.frombuffer(rows_block, dtype="<i8")
             if keys.min(initial=0) < 0 or keys.max(initial=0) >= len(self.record):
@@ -708,7 +718,8 @@ class _EpochIndex:
         record_file, offset, rows, crc = self.records[number]
         block = os.pread(record_file.fd, rows * self.num_classes * self.np_dtype.itemsize, offset)
         if zlib.crc32(block) != crc:
-            self.record[self.record == number] = -1  # corrupt: its rows are missing until a run stores them again
+            self.record[self.record == number] = -1  # damaged: its rows are missing until a run stores them again
+            self.damaged += 1
             return None
         return np.frombuffer(block, dtype=self.np_dtype).reshape(rows, self.num_classes)
 
