@@ -105,7 +105,8 @@ def test_file_size_is_epoch_bytes_and_cifar100_takes_20_mb_an_epoch(tmp_path):
     cache.put(_keys(0, range(60, 64), batch=6), _logits(_keys(0, range(60, 64))))
     cache.close()
     assert _record_files(cache)[0].stat().st_size == epoch_bytes(64, 10, NUM_CLASSES) == cache.stored_bytes()
-    assert _cache(tmp_path, seed=1).stored_bytes() == 0
+    assert _cache(tmp_path, seed=1).stored_bytes() == 0 == cache.stored_bytes(epochs=range(1, 5))
+    assert cache.stored_bytes(epochs=[0, 1]) == cache.stored_bytes()
     assert epoch_bytes(50000 // 128 * 128, 128, 100) == 390 * (HEADER_BYTES + 128 * (8 + 400)) == 20_382_960
 
 

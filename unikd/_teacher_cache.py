@@ -11,11 +11,11 @@ stored once and read back by every run, sweep and seed that would compute them a
 What a logit is keyed by. An entry (a folder of ``DIR``) belongs to one teacher fingerprint (the weights' bytes,
 model name and kwargs, and how the forward runs: device, AMP, memory format, per-process batch size, whose kernels
 change the last bits), one data-pipeline fingerprint (dataset, root, subset, transform and its parameters, image
-size, sampling scheme, MixUp/CutMix) and one storage dtype. Inside it, logits are stored per (seed, epoch, row): the
-row is the sample index, or, where batch-level MixUp/CutMix mixes images (the data fingerprint says
-``keyed_by=batch``), ``batch * batch_size + slot`` (then the global batch size and the number of processes are part
-of the data fingerprint, since each rank mixes its own share). A fingerprint mismatch is never a stale read: it is a
-miss, and ``status`` / ``mismatch`` say which fields differ from the closest entry.
+size, sampling scheme, library versions, MixUp/CutMix) and one storage dtype. Inside it, logits are stored per
+(seed, epoch, row): the row is the sample index, or, where batch-level MixUp/CutMix mixes images (the data
+fingerprint says ``keyed_by=batch``), ``batch * batch_size + slot`` (then the global batch size and the number of
+processes are part of the data fingerprint, since each rank mixes its own share). A fingerprint mismatch is never
+a stale read: it is a miss, and ``status`` / ``mismatch`` say which fields differ from the closest entry.
 
 Exactness. float32 (the default) stores the teacher's float32 logits bit for bit, so training with a warm cache is
 bit-identical to training with the live teacher. float16 halves the space (CIFAR-100: 10 MB instead of 20 MB an
@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -66,7 +67,7 @@ import struct
 import types
 import uuid
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,9 +178,10 @@ def data_fingerprint(
 ) -> Fingerprint:
     """The training images' identity: ``dataset`` name, ``root_identity(root)``, ``num_samples``, the ``subset``
     indices (None: the whole set), the transform's repr and a digest of all its parameters, ``img_size``, the
-    sampling scheme and ``mix`` (e.g. ``"mixup=0.8 cutmix=1.0"``; None: off). With ``mix`` the cache is keyed by
-    (batch, slot) and ``batch_size`` (global) and ``world_size`` become part of it. ``extra`` fields are added as
-    strings. The seed is not part of it: it is a level of the cache's key.
+    sampling scheme, the versions of the libraries that draw augmentations, and ``mix`` (e.g. ``"mixup=0.8
+    cutmix=1.0"``; None: off). With ``mix`` the cache is keyed by (batch, slot) and ``batch_size`` (global) and
+    ``world_size`` become part of it. ``extra`` fields are added as strings. The seed is not part of it: it is a
+    level of the cache's key.
     """
     keyed_by = "sample" if mix is None else "batch"
     if keyed_by == "batch" and (batch_size is None or world_size is None):
@@ -193,6 +195,7 @@ def data_fingerprint(
         "transform_params": "sha256:" + hashlib.sha256(json.dumps(_describe(transform)).encode()).hexdigest(),
         "img_size": str(img_size),
         "sampling": SCHEME,
+        "libraries": _library_versions(),  # another torchvision or timm may draw other crops from the same seed
         "keyed_by": keyed_by,
         "mix": "none" if mix is None else mix,
     }
@@ -221,6 +224,16 @@ def root_identity(root: str | Path | None, max_entries: int = 4096) -> str:
             if len(entries) >= max_entries:
                 break
     return f"{path} sha256:" + hashlib.sha256("\n".join(entries).encode()).hexdigest()[:32]
+
+
+def _library_versions() -> str:
+    versions = []
+    for name in ("torch", "torchvision", "timm", "pillow", "numpy"):
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} none")
+    return ", ".join(versions)
 
 
 def _stat_line(entry: os.DirEntry, name: str) -> str:
@@ -452,10 +465,12 @@ class TeacherCache:
             f"is not deterministic here: delete {self.entry_dir}, or turn the teacher cache off"
         )
 
-    def stored_bytes(self) -> int:
-        """Bytes of this seed's record files (every epoch, every writer): with ``epoch_bytes`` a cheap estimate of
-        what a run still has to write, without scanning every epoch's records."""
-        return sum(path.stat().st_size for path in self._seed_dir.glob("epoch-*/*.rec"))
+    def stored_bytes(self, epochs: Iterable[int] | None = None) -> int:
+        """Bytes of this seed's record files (of ``epochs``, default all; every writer's): with ``epoch_bytes`` a
+        cheap estimate of what a run still has to write, without scanning the records (two runs that wrote the same
+        rows count twice)."""
+        folders = [f"epoch-{epoch:05d}" for epoch in epochs] if epochs is not None else ["epoch-*"]
+        return sum(path.stat().st_size for folder in folders for path in self._seed_dir.glob(f"{folder}/*.rec"))
 
     def check_space(self, missing_rows: int, *, rows_per_record: int, epochs: int | None = None) -> int:
         """Raise ``UnikdError`` when the disk under ``root`` cannot hold ``missing_rows`` more logits rows written
