@@ -1,159 +1,218 @@
-"""Teachers in, students out: reading and writing plain state_dicts safely.
+"""Weights in and out: teachers, students initialised from a file, any weights for evaluation, and export.
 
-Reading never unpickles arbitrary objects (``torch.load(weights_only=True)``, or safetensors). Accepted layouts:
-a unikd training checkpoint (``{"format": "unikd-checkpoint", "model": state_dict, ...}``), a plain state_dict
-(timm / torchvision layout), a dict holding one under ``"state_dict"`` / ``"model"`` (common training scripts),
-or ``.safetensors``. Prefixes left by DistributedDataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``)
-are stripped.
+Every file is read by ``unikd._serialization`` (nothing pickled is ever run; zip, legacy and safetensors files) and
+put into the model's own key names by ``unikd.models._formats`` (unikd, timm, torchvision, CRD / mdistiller and
+mmpretrain / cls_KD layouts, detected or named by ``layout``). Each loader says what it found in a
+``WeightsReport`` (``report.describe()`` is one line).
+
+    teacher = load_teacher("cifar/resnet32x4", 100, "cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth")
+    model, report = load_model_weights("mdistiller/ResNet50", 100, "student_best")          # evaluation
+    report = init_student_from_file(student, "cifar/resnet8x4", "pretrained.pth")           # fine-tuning
+    export_state_dict(model, "model.safetensors", metadata={"model_name": "cifar/resnet8x4", "num_classes": 100})
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import tempfile
+import secrets
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from torch import nn
 
-from unikd.models._factory import ModelError, create_model
+from unikd._serialization import read_weights_file
+from unikd.models._errors import ModelError
+from unikd.models._factory import create_model, implied_kwargs, resolve_model_name
 from unikd.models._features import unwrap
+from unikd.models._formats import (
+    WeightsReport,
+    classifier_keys,
+    find_state_dict,
+    listing,
+    strip_wrapper_prefixes,
+    to_model_keys,
+)
+from unikd.models._mmpretrain import MMPRETRAIN_MODELS
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_MAX_LISTED = 10
-
-
-def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    stripped = {}
-    for key, value in state_dict.items():
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        stripped[key] = value
-    return stripped
-
-
-def _is_state_dict(obj: object) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, metadata of a unikd checkpoint or {})."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return _strip_wrapper_prefixes(safetensors.torch.load_file(path, device="cpu")), {}
-        except Exception as error:
-            raise ModelError(f"cannot read {path} as safetensors: {type(error).__name__}: {error}") from error
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ModelError(
-            f"cannot load {path} safely: it pickles Python objects other than tensors and plain containers "
-            f"({str(error).splitlines()[0]}). Re-save only the weights, e.g. torch.save(model.state_dict(), path) "
-            "or unikd.models.export_state_dict(model, 'weights.safetensors')"
-        ) from error
-    except Exception as error:
-        raise ModelError(f"cannot read {path} as a torch checkpoint: {type(error).__name__}: {error}") from error
-    metadata = {}
-    if isinstance(obj, dict) and obj.get("format") == "unikd-checkpoint":
-        metadata = {key: obj.get(key) for key in ("model_name", "num_classes", "epoch")}
-        obj = obj["model"]
-    elif isinstance(obj, dict) and not _is_state_dict(obj):
-        obj = next((obj[key] for key in ("state_dict", "model") if _is_state_dict(obj.get(key))), obj)
-    if not _is_state_dict(obj):
-        raise ModelError(
-            f"{path} holds no state_dict: expected a dict of tensors, a unikd checkpoint, or a dict with a "
-            f"'state_dict' or 'model' entry; found {type(obj).__name__}"
-            + (f" with keys {sorted(map(str, obj))[:_MAX_LISTED]}" if isinstance(obj, dict) else "")
-        )
-    return _strip_wrapper_prefixes(obj), metadata
+_EXPORT_METADATA = ("model_name", "num_classes", "in_chans")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model weights stored at ``path`` (any accepted layout, see the module docstring), on the CPU."""
-    return _read(path)[0]
+    """The weights stored at ``path`` as they are named there (any container and serialisation; wrapper prefixes
+    stripped; no layout conversion), on the CPU."""
+    return strip_wrapper_prefixes(find_state_dict(read_weights_file(path), str(path))[0])
 
 
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
-
-
-def _load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with one error that lists every missing/unexpected key and shape mismatch."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    mismatched = [
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state_dict and state_dict[key].shape != value.shape
+def _shape_problems(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    return [
+        key for key, value in model.state_dict().items() if key in state_dict and state_dict[key].shape != value.shape
     ]
-    problems = [
-        f"{label} ({len(keys)}): {_listing(keys)}"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
+
+
+def _load(
+    model: nn.Module,
+    model_name: str,
+    num_classes: int,
+    path: str | os.PathLike,
+    *,
+    layout: str,
+    role: str,
+    new_classifier_ok: bool,
+) -> WeightsReport:
+    """Read ``path`` into ``model`` (built as ``model_name`` with ``num_classes`` classes); the report says how."""
+    weights = read_weights_file(path)
+    state_dict, report = to_model_keys(weights, path, model, model_name, layout=layout, role=role)
+    mismatched = _shape_problems(model, state_dict)
+    classifier = classifier_keys(model)
+    if mismatched and new_classifier_ok and set(mismatched) <= classifier:
+        report.reinitialized = sorted(classifier)  # the whole classifier keeps its fresh init, not half of it
+        state_dict = {key: value for key, value in state_dict.items() if key not in classifier}
+    elif mismatched:
+        expected = model.state_dict()
+        shapes = [
+            f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+            for key in mismatched
+        ]
+        source = f"{report.path} ({report.container}; {report.layout} layout"
+        if report.metadata.get("model_name"):
+            source += f"; saved from {report.metadata['model_name']} with {report.metadata.get('num_classes')} classes"
+        fix = (
+            "; the classifier differs: use weights trained on a dataset with that many classes"
+            if (set(mismatched) <= classifier)
+            else ""
         )
-        if keys
-    ]
-    if problems:
-        raise ModelError(f"{source} does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
+        raise ModelError(
+            f"{source}), loaded into {model_name} with {num_classes} classes, does not fit the model: "
+            f"shape mismatches ({len(shapes)}): {listing(shapes)}{fix}"
+        )
+    model.load_state_dict(state_dict, strict=not report.reinitialized)
+    return report
 
 
-def load_teacher(name: str, num_classes: int, checkpoint: str | os.PathLike, **kwargs) -> nn.Module:
-    """``create_model(name, num_classes, **kwargs)`` with the weights at ``checkpoint``, frozen: eval mode and
-    ``requires_grad=False`` for every parameter. The caller must not switch it back to train mode."""
-    model = create_model(name, num_classes, **kwargs)
-    state_dict, metadata = _read(checkpoint)
-    source = f"checkpoint {checkpoint}"
-    if metadata.get("model_name"):
-        source += f" (saved from {metadata['model_name']} with {metadata['num_classes']} classes)"
-    _load_exactly(model, state_dict, f"{source}, loaded into {name} with {num_classes} classes,")
-    model.eval()
-    model.requires_grad_(False)
-    return model
+def _recorded_in_chans(path: str | os.PathLike) -> int | None:
+    """The input channels a unikd checkpoint or export records, if any (read before the model is built)."""
+    weights = read_weights_file(path)
+    _, report = find_state_dict(weights, str(path))
+    in_chans = report.metadata.get("in_chans")
+    return in_chans if isinstance(in_chans, int) else None
 
 
-def export_state_dict(model_or_state_dict: nn.Module | dict, out_path: str | os.PathLike) -> Path:
-    """Write the weights as ``.safetensors`` or ``.pt``/``.pth`` (by suffix), atomically (temp file + rename).
+def load_model_weights(
+    name: str,
+    num_classes: int,
+    path: str | os.PathLike,
+    *,
+    layout: str = "auto",
+    role: str = "student",
+    **kwargs,
+) -> tuple[nn.Module, WeightsReport]:
+    """``create_model(name, num_classes, **kwargs)`` with the weights at ``path``, in eval mode, and the report.
+
+    For ``unikd eval --model NAME WEIGHTS``: any readable file, the layout detected (``layout="auto"``) or named
+    (one of ``unikd.models.FORMATS``); ``role`` picks the half of a whole-distiller checkpoint. ``in_chans`` comes
+    from the file's unikd metadata when not given. The classifier must fit ``num_classes``.
+    """
+    canonical = resolve_model_name(name)
+    kwargs = {**implied_kwargs(name), **kwargs}
+    if "in_chans" not in kwargs and (in_chans := _recorded_in_chans(path)) is not None:
+        kwargs["in_chans"] = in_chans
+    model = create_model(canonical, num_classes, **kwargs)
+    report = _load(model, canonical, num_classes, path, layout=layout, role=role, new_classifier_ok=False)
+    if report.layout == "mmpretrain":
+        _check_mmpretrain_kwargs(report, canonical, kwargs)
+    return model.eval(), report
+
+
+def _check_mmpretrain_kwargs(report: WeightsReport, canonical: str, kwargs: dict) -> None:
+    """Refuse a model that the weights fit but that computes something else (cls_KD's MobileNetV1 uses ReLU where
+    timm's default is ReLU6): the keywords ``_mmpretrain`` maps that backbone with must have been used."""
+    required = {target: target_kwargs for target, target_kwargs in MMPRETRAIN_MODELS.values()}.get(canonical, {})
+    wrong = {key: value for key, value in required.items() if kwargs.get(key) != value}
+    if wrong:
+        settings = ", ".join(f"{key}={value!r}" for key, value in wrong.items())
+        alias = next(alias for alias, (target, _) in MMPRETRAIN_MODELS.items() if target == canonical)
+        raise ModelError(
+            f"{report.path} ({report.container}; mmpretrain layout) computes what {canonical} computes only with "
+            f"{settings}; pass {settings} or use the name mmpretrain/{alias}"
+        )
+
+
+def load_teacher(
+    name: str, num_classes: int, checkpoint: str | os.PathLike, *, layout: str = "auto", **kwargs
+) -> nn.Module:
+    """``load_model_weights(..., role="teacher")``, frozen: eval mode and ``requires_grad=False`` for every
+    parameter. The caller must not switch it back to train mode. (For the report, call ``load_model_weights``.)"""
+    model, _ = load_model_weights(name, num_classes, checkpoint, layout=layout, role="teacher", **kwargs)
+    return model.requires_grad_(False)
+
+
+def init_student_from_file(
+    model: nn.Module, name: str, path: str | os.PathLike, *, layout: str = "auto", role: str = "student"
+) -> WeightsReport:
+    """Load the weights at ``path`` into ``model`` (built by ``create_model(name, num_classes, ...)``) to fine-tune.
+
+    When only the classifier's shape differs (another class count), the classifier keeps its fresh initialisation
+    and ``report.reinitialized`` lists its keys: a weak head trained for the old classes (``report.method_state``
+    of a unikd checkpoint) must then be re-initialised too. Any other difference raises ``ModelError``.
+    """
+    model = unwrap(model)
+    weight = next((key for key in sorted(classifier_keys(model)) if key.endswith("weight")), None)
+    num_classes = model.state_dict()[weight].shape[0] if weight else "?"
+    return _load(model, resolve_model_name(name), num_classes, path, layout=layout, role=role, new_classifier_ok=True)
+
+
+def _first_conv_in_chans(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """Input channels of the first 4-D weight (the stem conv / patch embedding of every model we build)."""
+    return next((int(value.shape[1]) for value in state_dict.values() if value.dim() == 4), None)
+
+
+def export_state_dict(
+    model_or_state_dict: nn.Module | dict, out_path: str | os.PathLike, *, metadata: dict | None = None
+) -> Path:
+    """Write the weights as ``.safetensors`` or ``.pt``/``.pth`` (by suffix), atomically (temp file + rename), with
+    ordinary permissions (0o644 less the umask).
 
     Accepts a model (DDP / compiled wrappers are unwrapped), a state_dict, or a unikd training checkpoint dict
-    (its student ``"model"`` is written; the method's weak head is not part of it). The file loads with
-    ``strict=True`` into the same ``create_model`` name, and for timm/tv names into ``timm.create_model`` /
-    torchvision's constructor.
+    (its student ``"model"`` is written; the method's weak head is not part of it). ``.safetensors`` files record
+    ``model_name``, ``num_classes`` and ``in_chans`` in their metadata (given in ``metadata``, else taken from the
+    training checkpoint; ``in_chans`` else from the first conv), which ``load_teacher`` / ``load_model_weights``
+    read. The file loads with ``strict=True`` into the same ``create_model`` name, and for timm/tv names into
+    ``timm.create_model`` / torchvision's constructor.
     """
     out_path = Path(out_path)
     if out_path.suffix not in (".safetensors", ".pt", ".pth"):
         raise ModelError(f"export path {out_path} must end in .safetensors, .pt or .pth")
+    recorded: dict = {}
     if isinstance(model_or_state_dict, nn.Module):
         state_dict = unwrap(model_or_state_dict).state_dict()
     elif model_or_state_dict.get("format") == "unikd-checkpoint":
         state_dict = model_or_state_dict["model"]
+        recorded = {key: model_or_state_dict[key] for key in _EXPORT_METADATA if key in model_or_state_dict}
     else:
         state_dict = model_or_state_dict
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise ModelError(
-            f"cannot export a dict with non-tensor values ({_listing(not_tensors)}); pass a model, its state_dict "
+            f"cannot export a dict with non-tensor values ({listing(not_tensors)}); pass a model, its state_dict "
             "or a unikd training checkpoint"
         )
+    unknown = sorted(set(metadata or {}) - set(_EXPORT_METADATA))
+    if unknown:
+        raise ModelError(f"export metadata: unknown keys {unknown}; use {', '.join(_EXPORT_METADATA)}")
+    recorded.update(metadata or {})
+    if "in_chans" not in recorded and (in_chans := _first_conv_in_chans(state_dict)) is not None:
+        recorded["in_chans"] = in_chans
     # Own, contiguous CPU copies: safetensors refuses tensors that share memory.
     tensors = {
-        key: value.detach().cpu().contiguous().clone() for key, value in _strip_wrapper_prefixes(state_dict).items()
+        key: value.detach().cpu().contiguous().clone() for key, value in strip_wrapper_prefixes(state_dict).items()
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp_name = _create_temp_file(out_path)
     try:
         if out_path.suffix == ".safetensors":
-            safetensors.torch.save_file(tensors, tmp_name)
+            header = {"format": "unikd", **{key: str(value) for key, value in recorded.items()}}
+            safetensors.torch.save_file(tensors, tmp_name, metadata=header)
         else:
             torch.save(tensors, tmp_name)
         os.replace(tmp_name, out_path)
@@ -161,3 +220,15 @@ def export_state_dict(model_or_state_dict: nn.Module | dict, out_path: str | os.
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return out_path
+
+
+def _create_temp_file(out_path: Path) -> str:
+    """A new empty file beside ``out_path`` created with mode 0o644 (the umask applies, as for any new file;
+    ``tempfile.mkstemp`` would make it 0o600, readable by its owner only)."""
+    while True:
+        name = os.path.join(out_path.parent, f".{out_path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return name
+        except FileExistsError:
+            continue

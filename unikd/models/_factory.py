@@ -1,7 +1,14 @@
-"""One model factory for three namespaces: ``timm/<name>``, ``tv/<name>`` (torchvision) and ``cifar/<name>``.
+"""One model factory for three namespaces: ``timm/<name>``, ``tv/<name>`` (torchvision) and ``cifar/<name>``, plus
+the names users already type in the field's other tools.
 
 The factory returns the library's own model object, never a wrapper, so a state_dict saved from it loads with
 ``strict=True`` into ``timm.create_model(name)`` / ``torchvision.models.get_model(name)`` as well.
+
+Names are matched case-insensitively. Two alias namespaces resolve to those models: ``mdistiller/<name>`` takes
+mdistiller's / CRD's CIFAR zoo names (``mdistiller/ResNet50``, ``mdistiller/ShuffleV1``, ``mdistiller/vgg13_bn``;
+they work under ``cifar/`` too: ``cifar/ShuffleV1``) and ``mmpretrain/<name>`` takes mmpretrain's model / config
+names (``mmpretrain/resnet18_8xb32_in1k``, ``mmpretrain/mobilenet_v1``: cls_KD's, timm's with ReLU), from
+``unikd.models._mmpretrain.MMPRETRAIN_MODELS``. ``resolve_model_name`` gives the canonical name.
 """
 
 from __future__ import annotations
@@ -13,14 +20,13 @@ import timm
 import torchvision
 from torch import nn
 
-from unikd._errors import UnikdError
+from unikd.models._errors import ModelError
+from unikd.models._mdistiller import MDISTILLER_MODELS
 from unikd.models.cifar import CIFAR_MODELS
 
-NAMESPACES = ("timm", "tv", "cifar")
-
-
-class ModelError(UnikdError, ValueError):
-    """A model name, layer, keyword or checkpoint the user gave does not fit; the message says what does."""
+MODEL_NAMESPACES = ("timm", "tv", "cifar")
+ALIAS_NAMESPACES = ("mdistiller", "mmpretrain")
+NAMESPACES = MODEL_NAMESPACES + ALIAS_NAMESPACES
 
 
 @functools.cache
@@ -29,11 +35,34 @@ def _names(namespace: str) -> tuple[str, ...]:
         return tuple(timm.list_models())
     if namespace == "tv":
         return tuple(torchvision.models.list_models())
-    return tuple(CIFAR_MODELS)
+    if namespace == "cifar":
+        return tuple(CIFAR_MODELS)
+    return tuple(_aliases(namespace))
+
+
+def _aliases(namespace: str) -> dict[str, tuple[str, dict]]:
+    """{alias: (canonical name, constructor keywords it implies)} of an alias namespace."""
+    if namespace == "mdistiller":
+        return {name: (f"cifar/{arch}", {}) for name, arch in MDISTILLER_MODELS.items()}
+    from unikd.models._mmpretrain import MMPRETRAIN_MODELS  # here: that module imports this one
+
+    return MMPRETRAIN_MODELS
+
+
+@functools.cache
+def _lowercase_index(namespace: str) -> dict[str, str]:
+    """{lowercased name: canonical name} of a namespace (mdistiller's spellings count as cifar/ names too)."""
+    index = {name.lower(): f"{namespace}/{name}" for name in _names(namespace)}
+    if namespace in ALIAS_NAMESPACES:
+        index = {alias.lower(): target for alias, (target, _) in _aliases(namespace).items()}
+    elif namespace == "cifar":
+        index.update({alias.lower(): f"cifar/{arch}" for alias, arch in MDISTILLER_MODELS.items()})
+    return index
 
 
 def list_models(namespace: str | None = None) -> list[str]:
-    """All valid ``create_model`` names (``"cifar/resnet8"``, ...), optionally of one namespace."""
+    """All valid ``create_model`` names (``"cifar/resnet8"``, ``"mdistiller/ResNet50"``, ...), optionally of one
+    namespace."""
     namespaces = NAMESPACES if namespace is None else (namespace,)
     return [f"{ns}/{name}" for ns in namespaces for name in _names(ns)]
 
@@ -51,11 +80,32 @@ def _unknown_name_error(name: str) -> ModelError:
     if namespace in NAMESPACES:
         hint = did_you_mean(arch, _names(namespace))
         return ModelError(f"unknown model {name!r}: {namespace}/ has no model {arch!r}.{hint}")
-    same_arch = [f"{ns}/{arch or namespace}" for ns in NAMESPACES if (arch or namespace) in _names(ns)]
+    word = (arch or namespace).lower()
+    same_arch = [_lowercase_index(ns)[word] for ns in MODEL_NAMESPACES if word in _lowercase_index(ns)]
+    same_arch += [f"{ns}/{alias}" for ns in ALIAS_NAMESPACES for alias in _names(ns) if alias.lower() == word]
     hint = f" Did you mean: {', '.join(same_arch)}?" if same_arch else did_you_mean(name, list_models())
     return ModelError(
         f"unknown model {name!r}: names are '<namespace>/<model>' with namespace one of {', '.join(NAMESPACES)}.{hint}"
     )
+
+
+def implied_kwargs(name: str) -> dict:
+    """Constructor keywords an alias implies (cls_KD's MobileNetV1 is timm's with ReLU: act_layer="relu")."""
+    namespace, _, arch = name.partition("/")
+    if namespace not in ALIAS_NAMESPACES:
+        return {}
+    return next((dict(kwargs) for alias, (_, kwargs) in _aliases(namespace).items() if alias.lower() == arch.lower()))
+
+
+def resolve_model_name(name: str) -> str:
+    """The canonical ``timm/`` / ``tv/`` / ``cifar/`` name of ``name`` (exact, then case-insensitive, then an alias),
+    or ``ModelError`` with the closest names."""
+    namespace, _, arch = name.partition("/")
+    if namespace in MODEL_NAMESPACES and arch in _names(namespace):
+        return name
+    if namespace in NAMESPACES and arch.lower() in _lowercase_index(namespace):
+        return _lowercase_index(namespace)[arch.lower()]
+    raise _unknown_name_error(name)
 
 
 def create_model(name: str, num_classes: int, *, pretrained: bool = False, **kwargs) -> nn.Module:
@@ -65,9 +115,9 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, **kwa
     ``cifar/smallcnn``). ``pretrained=True`` downloads through timm's / torchvision's own loaders, which need the
     network; offline, load a local checkpoint with ``load_teacher`` instead.
     """
+    kwargs = {**implied_kwargs(name), **kwargs}
+    name = resolve_model_name(name)
     namespace, _, arch = name.partition("/")
-    if namespace not in NAMESPACES or arch not in _names(namespace):
-        raise _unknown_name_error(name)
     if pretrained and namespace == "cifar":
         raise ModelError(
             f"{name} has no pretrained weights; train it, or pass a checkpoint to load_teacher "

@@ -1,13 +1,14 @@
 """The CIFAR-100 knowledge-distillation benchmark zoo (CRD, Tian et al. 2020; DKD, Zhao et al. 2022), written in
 this project's style, plus ``smallcnn`` for 28x28 Fashion-MNIST. Every model takes ``num_classes`` and
-``in_chans`` (default 3; 1 for MNIST-like data) and accepts any input size (global average pooling)."""
+``in_chans`` (default 3; 1 for MNIST-like data) and ``init`` (``CIFAR_INITS``: whose initialisation to follow), and
+accepts any input size (global average pooling)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
 
-from unikd.models.cifar._base import CifarNet
+from unikd.models.cifar._base import CIFAR_INITS, CifarNet
 from unikd.models.cifar.mobilenetv2 import MobileNetV2
 from unikd.models.cifar.resnet import BasicBlock, Bottleneck, cifar_resnet, imagenet_style_resnet
 from unikd.models.cifar.shufflenet import ShuffleNetV1, ShuffleNetV2
@@ -35,4 +36,4 @@ CIFAR_MODELS: dict[str, Callable[..., CifarNet]] = {
     "smallcnn": SmallCNN,
 }
 
-__all__ = ["CIFAR_MODELS", "CifarNet"]
+__all__ = ["CIFAR_INITS", "CIFAR_MODELS", "CifarNet"]

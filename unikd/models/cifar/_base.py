@@ -11,6 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from unikd.models._errors import ModelError
+
+# The ``init`` keyword of every zoo model: which reference's initialisation the fresh weights follow.
+#   "kaiming"    (default): Kaiming-normal fan-out convs, BatchNorm (1, 0), PyTorch's default Linear; this is
+#                mdistiller's / CRD's ResNet initialisation (mdistiller/models/cifar/resnet.py, resnetv2.py).
+#   "mdistiller": mdistiller's per family: ResNets as above; WRN also zeroes the classifier bias; VGG and
+#                MobileNetV2 draw the classifier from N(0, 0.01) with a zero bias; ShuffleNetV1/V2 keep PyTorch's
+#                default init for every layer.
+#   "mmpretrain": mmpretrain's ResNet_CIFAR with LinearClsHead (the ResNets only): Kaiming-normal fan-out convs,
+#                the last BatchNorm of each residual block zero (weight and bias; zero_init_residual=True) and the
+#                classifier from N(0, 0.01) with a zero bias.
+CIFAR_INITS = ("kaiming", "mdistiller", "mmpretrain")
+
 
 def conv_bn(in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, groups: int = 1, relu: bool = True):
     """Conv (no bias, 'same' padding) -> BatchNorm [-> ReLU]."""
@@ -35,17 +48,41 @@ class CifarNet(nn.Module):
     trunk: tuple[str, ...]
     feature_info: list[dict]
     num_features: int
+    # mdistiller's initialisation of this family: (convs "kaiming" | "torch", classifier "torch" | "zero_bias" |
+    # "normal"), or None where mdistiller has no such model.
+    mdistiller_init: tuple[str, str] | None = ("kaiming", "torch")
 
-    def _init_head(self, num_features: int, num_classes: int) -> None:
+    def _init_head(self, num_features: int, num_classes: int, init: str = "kaiming") -> None:
         self.num_features = num_features
         self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         self.fc = nn.Linear(num_features, num_classes)
+        self._init_weights(init)
+
+    def _init_weights(self, init: str) -> None:
+        """Initialise as ``init`` says (see ``CIFAR_INITS``)."""
+        if init not in CIFAR_INITS:
+            raise ModelError(f"init={init!r} is not one of {', '.join(CIFAR_INITS)}")
+        if init == "mmpretrain":
+            raise ModelError(
+                f"init='mmpretrain' follows mmpretrain's ResNet_CIFAR, which has no {type(self).__name__}; "
+                "use init='kaiming' or 'mdistiller'"
+            )
+        if init == "mdistiller" and self.mdistiller_init is None:
+            raise ModelError(f"init='mdistiller': mdistiller has no {type(self).__name__}; use init='kaiming'")
+        conv_init, classifier_init = self.mdistiller_init if init == "mdistiller" else ("kaiming", "torch")
+        self._init_trunk(conv_init, classifier_init)
+
+    def _init_trunk(self, conv_init: str, classifier_init: str) -> None:
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, nn.Conv2d) and conv_init == "kaiming":
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if classifier_init == "normal":
+            nn.init.normal_(self.fc.weight, 0.0, 0.01)
+        if classifier_init in ("normal", "zero_bias"):
+            nn.init.zeros_(self.fc.bias)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) -> last feature map (N, num_features, h, w)."""

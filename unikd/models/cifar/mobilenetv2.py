@@ -36,7 +36,11 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(CifarNet):
     """Stem (stride 2) -> ``blocks.0..6`` -> 1x1 ``conv_head`` to 1280 -> pool -> fc."""
 
-    def __init__(self, width_mult: float = 0.5, num_classes: int = 100, in_chans: int = 3) -> None:
+    mdistiller_init = ("kaiming", "normal")
+
+    def __init__(
+        self, width_mult: float = 0.5, num_classes: int = 100, in_chans: int = 3, init: str = "kaiming"
+    ) -> None:
         super().__init__()
         in_chs = int(32 * width_mult)
         self.stem = conv_bn(in_chans, in_chs, stride=2)
@@ -54,4 +58,4 @@ class MobileNetV2(CifarNet):
         self.blocks = nn.Sequential(*stages)
         self.conv_head = conv_bn(in_chs, 1280, kernel_size=1)
         self.trunk = ("stem", *(f"blocks.{i}" for i in range(len(_STAGES))), "conv_head")
-        self._init_head(1280, num_classes)
+        self._init_head(1280, num_classes, init)

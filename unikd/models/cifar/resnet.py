@@ -54,6 +54,7 @@ class ResNet(CifarNet):
         depths: blocks per stage.
         widths: per-stage width (bottleneck width for ``Bottleneck``; its output is ``expansion`` times wider).
         stem_width: channels of the stem conv.
+        init: "kaiming" (default), "mdistiller" (the same for ResNets) or "mmpretrain" (``CIFAR_INITS``).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class ResNet(CifarNet):
         stem_width: int,
         num_classes: int = 100,
         in_chans: int = 3,
+        init: str = "kaiming",
     ) -> None:
         super().__init__()
         self.stem = conv_bn(in_chans, stem_width)
@@ -78,7 +80,17 @@ class ResNet(CifarNet):
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             self.feature_info.append(stage_info(f"layer{index + 1}", in_chs, 2**index))
         self.trunk = tuple(stage["module"] for stage in self.feature_info)
-        self._init_head(in_chs, num_classes)
+        self._init_head(in_chs, num_classes, init)
+
+    def _init_weights(self, init: str) -> None:
+        if init != "mmpretrain":
+            return super()._init_weights(init)
+        self._init_trunk("kaiming", "normal")
+        for block in self.modules():  # zero_init_residual: each residual branch starts at zero
+            if isinstance(block, (BasicBlock, Bottleneck)):
+                last_norm = (block.conv3 if isinstance(block, Bottleneck) else block.conv2)[1]
+                nn.init.zeros_(last_norm.weight)
+                nn.init.zeros_(last_norm.bias)
 
 
 def cifar_resnet(depth: int, widths: tuple[int, int, int, int], **kwargs) -> ResNet:

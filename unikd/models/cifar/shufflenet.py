@@ -47,17 +47,17 @@ class ShuffleV2Block(nn.Module):
         super().__init__()
         half = out_chs // 2
         self.stride = stride
+        if stride == 2:  # registered first: the benchmark's state_dict lists this (its "left") branch first
+            self.shortcut_branch = nn.Sequential(
+                conv_bn(in_chs, in_chs, stride=2, groups=in_chs, relu=False),
+                conv_bn(in_chs, half, kernel_size=1),
+            )
         branch_in = in_chs if stride == 2 else half
         self.branch = nn.Sequential(
             conv_bn(branch_in, half, kernel_size=1),
             conv_bn(half, half, stride=stride, groups=half, relu=False),
             conv_bn(half, half, kernel_size=1),
         )
-        if stride == 2:
-            self.shortcut_branch = nn.Sequential(
-                conv_bn(in_chs, in_chs, stride=2, groups=in_chs, relu=False),
-                conv_bn(in_chs, half, kernel_size=1),
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 2:
@@ -71,7 +71,9 @@ class ShuffleV2Block(nn.Module):
 class ShuffleNetV1(CifarNet):
     """Stem -> ``layer1..3`` (4, 8, 4 blocks; widths 240, 480, 960 for g=3) -> pool -> fc."""
 
-    def __init__(self, groups: int = 3, num_classes: int = 100, in_chans: int = 3) -> None:
+    mdistiller_init = ("torch", "torch")  # mdistiller leaves PyTorch's default init
+
+    def __init__(self, groups: int = 3, num_classes: int = 100, in_chans: int = 3, init: str = "kaiming") -> None:
         super().__init__()
         self.stem = conv_bn(in_chans, _STEM_WIDTH, kernel_size=1)
         self.feature_info = [stage_info("stem", _STEM_WIDTH, 1)]
@@ -84,14 +86,16 @@ class ShuffleNetV1(CifarNet):
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             self.feature_info.append(stage_info(f"layer{index + 1}", out_chs, 2 ** (index + 1)))
         self.trunk = ("stem", "layer1", "layer2", "layer3")
-        self._init_head(in_chs, num_classes)
+        self._init_head(in_chs, num_classes, init)
 
 
 class ShuffleNetV2(CifarNet):
     """Stem -> ``layer1..3`` (a stride-2 block then 3, 7, 3 blocks; widths 116, 232, 464) -> 1x1 ``conv_head``
     to 1024 -> pool -> fc."""
 
-    def __init__(self, num_classes: int = 100, in_chans: int = 3) -> None:
+    mdistiller_init = ("torch", "torch")  # mdistiller leaves PyTorch's default init
+
+    def __init__(self, num_classes: int = 100, in_chans: int = 3, init: str = "kaiming") -> None:
         super().__init__()
         self.stem = conv_bn(in_chans, _STEM_WIDTH, kernel_size=1)
         self.feature_info = [stage_info("stem", _STEM_WIDTH, 1)]
@@ -104,4 +108,4 @@ class ShuffleNetV2(CifarNet):
             self.feature_info.append(stage_info(f"layer{index + 1}", out_chs, 2 ** (index + 1)))
         self.conv_head = conv_bn(in_chs, 1024, kernel_size=1)
         self.trunk = ("stem", "layer1", "layer2", "layer3", "conv_head")
-        self._init_head(1024, num_classes)
+        self._init_head(1024, num_classes, init)

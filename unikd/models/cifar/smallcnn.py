@@ -9,7 +9,9 @@ from unikd.models.cifar._base import CifarNet, conv_bn, stage_info
 
 
 class SmallCNN(CifarNet):
-    def __init__(self, width: int = 16, num_classes: int = 10, in_chans: int = 3) -> None:
+    mdistiller_init = None
+
+    def __init__(self, width: int = 16, num_classes: int = 10, in_chans: int = 3, init: str = "kaiming") -> None:
         super().__init__()
         self.feature_info = []
         in_chs = in_chans
@@ -21,4 +23,4 @@ class SmallCNN(CifarNet):
             self.feature_info.append(stage_info(f"layer{index + 1}", out_chs, 2**index))
             in_chs = out_chs
         self.trunk = ("layer1", "layer2", "layer3")
-        self._init_head(in_chs, num_classes)
+        self._init_head(in_chs, num_classes, init)

@@ -20,7 +20,15 @@ VGG_STAGE_WIDTHS = {
 
 
 class VGG(CifarNet):
-    def __init__(self, stage_widths: tuple[tuple[int, ...], ...], num_classes: int = 100, in_chans: int = 3) -> None:
+    mdistiller_init = ("kaiming", "normal")
+
+    def __init__(
+        self,
+        stage_widths: tuple[tuple[int, ...], ...],
+        num_classes: int = 100,
+        in_chans: int = 3,
+        init: str = "kaiming",
+    ) -> None:
         super().__init__()
         self.feature_info = []
         in_chs, reduction = in_chans, 1
@@ -35,4 +43,4 @@ class VGG(CifarNet):
             self.add_module(f"layer{index + 1}", nn.Sequential(*layers))
             self.feature_info.append(stage_info(f"layer{index + 1}", in_chs, reduction))
         self.trunk = tuple(stage["module"] for stage in self.feature_info)
-        self._init_head(in_chs, num_classes)
+        self._init_head(in_chs, num_classes, init)

@@ -32,7 +32,11 @@ class PreActBlock(nn.Module):
 class WideResNet(CifarNet):
     """WRN-depth-k: stem conv -> ``layer1..3`` (strides 1, 2, 2) -> BN-ReLU (``norm``) -> pool -> fc."""
 
-    def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, in_chans: int = 3) -> None:
+    mdistiller_init = ("kaiming", "zero_bias")
+
+    def __init__(
+        self, depth: int, widen_factor: int, num_classes: int = 100, in_chans: int = 3, init: str = "kaiming"
+    ) -> None:
         super().__init__()
         blocks_per_stage = (depth - 4) // 6
         widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
@@ -48,4 +52,4 @@ class WideResNet(CifarNet):
             self.feature_info.append(stage_info(f"layer{index + 1}", widths[index + 1], 2**index))
         self.norm = nn.Sequential(nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True))
         self.trunk = ("stem", "layer1", "layer2", "layer3", "norm")
-        self._init_head(widths[3], num_classes)
+        self._init_head(widths[3], num_classes, init)
