@@ -288,7 +288,7 @@ def uskd_loss(
 ) -> torch.Tensor:
     """USKD without the plain CE term (the caller adds it, Eq. 13): ``alpha * L_target + beta * L_non + L_weak``.
 
-        L_target = -sum_t P_t log S_t, with the soft target value P_t (detached); by default (Eq. 7)
+        L_target = -sum_t P_t log S_t (Eq. 7), with the soft target value P_t (detached); by default (Eq. 6)
                    P_t = S_t^2 + V_t - mean_batch(S_t^2), V_t the label value;
         L_non    = -sum_{i not target} Z_i log N(S_i), the Zipf soft label Z_i proportional to 1 / rank_i, renormalised
                    over the non-target classes, against the student's softmax over the non-target logits (Eq. 11-12);
@@ -302,16 +302,18 @@ def uskd_loss(
     ``rank`` (Table 9) orders the classes for the Zipf label, with W, S the weak head's and the student's
     probabilities and t the target:
         "paper":    R_i = W_i / (1 - W_t) + S_i / (1 - S_t)              (Eq. 10, normalisation; default)
-        "released": R_i = W_i / (1 - W_t) + log S_i / (1 - log S_t)      (the authors' code since a refactor: its
-                    student term uses log-probabilities, so the student's own rank dominates and the weak head mostly
-                    breaks ties. The first release, March 2023, ranked with probabilities like Eq. 10.)
+        "released": R_i = W_i / (1 - W_t) + log S_i / (1 - log S_t)      (the authors' code today: its student term
+                    uses log-probabilities, so the student's own rank dominates and the weak head mostly breaks ties.
+                    The first release (March 2023; yzd-v/cls_KD commit 87a7197, mmcls/distillation/losses/uskd.py)
+                    ranked with probabilities like Eq. 10; the log-probability rank came with a later refactor to
+                    log_softmax (commit 1c2c0ff, kept in the mmcls 1.x port mmcls/models/dis_losses/uskd.py).)
         "weak":     R_i = W_i                                            (weak logit only; logits rank alike)
         "final":    R_i = S_i                                            (final logit only)
         "sum":      R_i = W_i + S_i                                      (combination without normalisation)
     Both normalised modes add the released code's 1e-6 to the denominators. Ties rank by the lower class index.
 
     ``target_soft_label`` is P_t, per target column over the batch (``batch_mean_group`` rows at a time):
-        "squared":   S_t^2 + V_t - mean(S_t^2)         (Eq. 7, default; Table 12 "with square")
+        "squared":   S_t^2 + V_t - mean(S_t^2)         (Eq. 6, default; Table 12 "with square")
         "unsquared": S_t + V_t - mean(S_t)             (Table 12 "without square"; Table 8's smoothing of choice)
         "softmax":   softmax(S_t) * sum(V_t)           (Table 8; softmax and sum over the batch rows)
         "sqrt":      sqrt(S_t - min(S_t))              (Table 8)
@@ -326,7 +328,7 @@ def uskd_loss(
         "t1":    -sum_t P_t log S_t                     (default)
         "t2":    -sum_t (1 - P_t) log(1 - S_t)          (over the target columns with V_t > 0)
         "t1+t2": both (DKD's binary form)
-    P_t can exceed 1 (Eq. 7 adds V_t), so 1 - P_t can be negative: "t2" then pushes S_t up, as its formula says.
+    P_t can exceed 1 (Eq. 6 adds V_t), so 1 - P_t can be negative: "t2" then pushes S_t up, as its formula says.
 
     Args:
         student_logits: (N, C) final logits.
