@@ -264,7 +264,7 @@ def test_table_row_validates_and_says_what_it_targets(path: Path, name: str):
 
 def _differs_from_its_base(path: Path, name: str) -> bool:
     base, overrides = _row_config(path, name)
-    with warnings.catch_warnings():  # the teacher-checkpoint row of Table 8 (see the report in the README)
+    with warnings.catch_warnings():  # config.py reads needs_teacher from the class: it warns for Table 8's teacher row
         warnings.filterwarnings("ignore", "model.teacher: method 'uskd' does not use a teacher")
         resolved = config_to_dict(load_config(base, list(overrides[:-1]), check_files=False))
     return resolved != config_to_dict(load_config(base, check_files=False))
