@@ -131,6 +131,16 @@ def test_recipes_that_follow_the_released_configs():
     assert swin.method.params["weak_norm"] == "layernorm"
     zipf = load_config(REPO / "configs/cifar100_selfkd_resnet18.yaml", ["method={name: zipf_ls, upsample: bilinear}"])
     assert zipf.method.params["upsample"] == "bilinear"
+    # The CIFAR zoo starts from its protocol's reference initialisation: mmpretrain's for the released NKD/USKD CIFAR
+    # ResNets, mdistiller's for the CRD/DKD pairs and their teachers.
+    for path in REPO.glob("configs/cifar100_*.yaml"):
+        released = path.stem in {
+            "cifar100_selfkd_resnet18",
+            "cifar100_teacher_resnet34",
+            "cifar100_kd_resnet34_resnet18",
+        }
+        cfg = load_config(path, check_files=False)
+        assert cfg.model.student_kwargs["init"] == ("mmpretrain" if released else "mdistiller"), path.name
 
 
 def _student_teacher(cfg) -> tuple[str, str | None]:
