@@ -469,6 +469,10 @@ def test_keys_without_a_place_and_unknown_models_are_refused():
     assert refusal(state, "timm/efficientnet_b0").startswith(
         "no mmpretrain mapping for 'timm/efficientnet_b0': mmpretrain checkpoints load into timm/resnet18, tv/resnet18,"
     )
+    assert refusal({"student.backbone.conv1.weight": torch.zeros(1)}, "timm/resnet18") == (
+        "a cls_KD distiller state_dict (student./teacher. keys) holds two classifiers: take one with "
+        "strip_distiller(state_dict, 'student' or 'teacher') first"
+    )
     assert refusal({"conv1.weight": torch.zeros(1)}, "timm/resnet18") == (
         "not an mmpretrain state_dict: its keys do not all start with backbone./neck./head. (first key 'conv1.weight')"
     )

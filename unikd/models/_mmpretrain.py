@@ -97,8 +97,9 @@ def _any(state_dict: Mapping[str, torch.Tensor], pattern: str) -> str:
     return "yes" if any(re.match(pattern, key) for key in state_dict) else "no"
 
 
-def _out(state_dict: Mapping[str, torch.Tensor], key: str) -> int | None:
-    return int(state_dict[key].shape[0]) if key in state_dict else None
+def _out(state_dict: Mapping[str, torch.Tensor], key: str, dim: int = 0) -> int | None:
+    """Size ``dim`` of a tensor (output channels by default), or None where the checkpoint lacks it."""
+    return int(state_dict[key].shape[dim]) if key in state_dict else None
 
 
 # --- what each mmpretrain backbone's state_dict shows of its architecture --------------------------------------------
@@ -172,8 +173,8 @@ def _vit_facts(sd: Mapping[str, torch.Tensor]) -> dict[str, object]:
         "embedding width": int(sd["backbone.cls_token"].shape[-1]),
         "blocks": len({key.split(".")[2] for key in sd if key.startswith("backbone.layers.")}),
         "MLP width": _out(sd, "backbone.layers.0.ffn.layers.0.0.weight"),
-        "patch size": int(sd["backbone.patch_embed.projection.weight"].shape[-1]),
-        "position embeddings": int(sd["backbone.pos_embed"].shape[1]) if "backbone.pos_embed" in sd else None,
+        "patch size": _out(sd, "backbone.patch_embed.projection.weight", -1),
+        "position embeddings": _out(sd, "backbone.pos_embed", 1),
         "extra tokens": "class and distillation tokens" if "backbone.dist_token" in sd else "class token",
         "output": output,
         "LayerNorm before the blocks": _any(sd, r"backbone\.pre_norm\."),
@@ -189,7 +190,7 @@ def _swin_facts(sd: Mapping[str, torch.Tensor]) -> dict[str, object]:
     window = round((tables[0].shape[0] ** 0.5 + 1) / 2) if tables[0] is not None else None
     return {
         "embedding width": _out(sd, "backbone.patch_embed.projection.weight"),
-        "patch size": int(sd["backbone.patch_embed.projection.weight"].shape[-1]),
+        "patch size": _out(sd, "backbone.patch_embed.projection.weight", -1),
         "blocks per stage": depths,
         "heads per stage": tuple(int(table.shape[1]) if table is not None else None for table in tables[: len(depths)]),
         "window size": window,
@@ -535,20 +536,21 @@ _TARGETS: dict[str, _Target] = {
     ),
 }
 
-# mmpretrain config / model-zoo names (and the mmcls 0.x and cls_KD config names the paper's files cite) -> the
-# unikd model and create_model keywords that compute the same classifier.
+# mmpretrain config / model-zoo names, the stems of the released files (mmcls 0.x names, e.g.
+# swin_tiny_224_b16x64_300e_imagenet_20210616_090925-66df6be6.pth) and the mmcls 0.x configs cls_KD cites -> the
+# unikd model and the create_model keywords that compute the same classifier.
 _ALIASES = {
     "timm/resnet18": ("resnet18_8xb32_in1k", "resnet18_b32x8_imagenet"),
     "timm/resnet34": ("resnet34_8xb32_in1k", "resnet34_b32x8_imagenet"),
     "timm/resnet50": ("resnet50_8xb32_in1k", "resnet50_b32x8_imagenet"),
     "timm/resnet101": ("resnet101_8xb32_in1k", "resnet101_b32x8_imagenet"),
-    "timm/mobilenetv2_100": ("mobilenet-v2_8xb32_in1k", "mobilenet_v2_b32x8_imagenet"),
-    "tv/shufflenet_v2_x1_0": ("shufflenet-v2-1x_16xb64_in1k", "shufflenet_v2_1x_b64x16_linearlr_bn_nowd_imagenet"),
-    "timm/regnetx_016": ("regnetx-1.6gf_8xb128_in1k", "regnetx-1.6gf_b32x8_imagenet"),
+    "timm/mobilenetv2_100": ("mobilenet-v2_8xb32_in1k", "mobilenet_v2_batch256_imagenet"),
+    "tv/shufflenet_v2_x1_0": ("shufflenet-v2-1x_16xb64_in1k", "shufflenet_v2_batch1024_imagenet"),
+    "timm/regnetx_016": ("regnetx-1.6gf_8xb128_in1k",),
     "timm/deit_tiny_patch16_224": ("deit-tiny_4xb256_in1k", "deit-tiny_pt-4xb256_in1k"),
     "timm/deit_small_patch16_224": ("deit-small_4xb256_in1k", "deit-small_pt-4xb256_in1k"),
     "timm/swin_tiny_patch4_window7_224": ("swin-tiny_16xb64_in1k", "swin_tiny_224_b16x64_300e_imagenet"),
-    "timm/mobilenetv1_100": ("mobilenet_v1",),
+    "timm/mobilenetv1_100": ("mobilenet_v1",),  # cls_KD's configs/mobilenet_v1/mobilenet_v1.py
 }
 MMPRETRAIN_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     alias: (name, dict(_TARGETS[name].kwargs)) for name, aliases in _ALIASES.items() for alias in aliases
@@ -588,25 +590,33 @@ def matching_models(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def _check_architecture(state_dict: Mapping[str, torch.Tensor], model_name: str, target: _Target) -> None:
+    if is_distiller_state_dict(state_dict):
+        raise ModelError(
+            "a cls_KD distiller state_dict (student./teacher. keys) holds two classifiers: take one with "
+            "strip_distiller(state_dict, 'student' or 'teacher') first"
+        )
     if not is_mmpretrain_state_dict(state_dict):
         first = next(iter(state_dict), None)
         raise ModelError(
             f"not an mmpretrain state_dict: its keys do not all start with backbone./neck./head. (first key {first!r})"
         )
     backbone = mmpretrain_backbone(state_dict)
-    fits = [name for name in matching_models(state_dict) if name != model_name]
-    hint = f"; it fits {' or '.join(fits)}" if fits else ""
+
+    def fits() -> str:
+        names = [name for name in matching_models(state_dict) if name != model_name]
+        return f"; it fits {' or '.join(names)}" if names else ""
+
     if backbone != target.backbone.name:
         found = f"a {backbone}" if backbone else "no backbone unikd can read"
         raise ModelError(
-            f"the mmpretrain checkpoint holds {found}, not the {target.backbone.name} of {model_name}{hint}"
+            f"the mmpretrain checkpoint holds {found}, not the {target.backbone.name} of {model_name}{fits()}"
         )
     facts = target.backbone.facts(state_dict)
     for fact, expected in target.facts.items():
         if facts[fact] != expected:
             raise ModelError(
                 f"the mmpretrain {backbone} checkpoint differs from {model_name} in {fact}: {facts[fact]} in the "
-                f"checkpoint, {expected} in {model_name}{hint}"
+                f"checkpoint, {expected} in {model_name}{fits()}"
             )
 
 
@@ -633,12 +643,13 @@ def is_distiller_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 def _untrained_batchnorm(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """Every BatchNorm as built and never run: 0 batches seen, running mean 0 and variance 1 (none: False)."""
-    counters = [key for key in state_dict if key.endswith(".num_batches_tracked")]
+    counters = [key.removesuffix("num_batches_tracked") for key in state_dict if key.endswith(".num_batches_tracked")]
+    zero, one = torch.zeros(()), torch.ones(())
     return bool(counters) and all(
-        int(state_dict[key]) == 0
-        and not state_dict[key.replace("num_batches_tracked", "running_mean")].any()
-        and bool((state_dict[key.replace("num_batches_tracked", "running_var")] == 1).all())
-        for key in counters
+        int(state_dict[f"{bn}num_batches_tracked"]) == 0
+        and bool((state_dict.get(f"{bn}running_mean", one) == 0).all())
+        and bool((state_dict.get(f"{bn}running_var", zero) == 1).all())
+        for bn in counters
     )
 
 
