@@ -2,11 +2,14 @@
 
 Train records: ``{"split": "train", "step", "epoch", "lr", <each loss term>, "loss", "images_per_s"}`` (terms are
 averaged over the steps since the previous record). Eval records: ``{"split": "val", "step", "epoch", "top1",
-"top5", "val_loss", "epoch_time_s", "peak_mem_mb"}``.
+"top5", "val_loss", "epoch_time_s", "peak_mem_mb"}``. A resume that changed keys which may change writes
+``{"split": "resume", "step", "epoch", "changed": {key: [old, new]}}``. A resume first drops the records the run
+will log again, so every (split, step) appears once.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import resource
 import sys
@@ -15,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from unikd._errors import UnikdError
+
 
 class MetricsWriter:
     """Appends records to ``output_dir/metrics.jsonl`` and, if ``tensorboard``, to ``output_dir/tb``.
@@ -22,7 +27,9 @@ class MetricsWriter:
     Disabled (every call a no-op) on ranks other than 0. Appending lets a resumed run continue the same files.
     """
 
-    def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False) -> None:
+    def __init__(
+        self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False, purge_step: int | None = None
+    ) -> None:
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -30,18 +37,27 @@ class MetricsWriter:
             return
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        self._path = output_dir / "metrics.jsonl"
+        self._jsonl = open(self._path, "a")  # noqa: SIM115 (closed in close())
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it pulls in tensorboard
 
-            self._tb = SummaryWriter(str(output_dir / "tb"))
+            # purge_step: TensorBoard hides the events an interrupted run logged at or after it (a resume redoes them).
+            self._tb = SummaryWriter(str(output_dir / "tb"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         """Write one record; numeric values also go to TensorBoard as ``<split>/<key>`` at ``record["step"]``."""
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        except OSError as error:
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise UnikdError(
+                f"{'disk full: ' if full else ''}cannot write {self._path} ({error.strerror}); the checkpoints are "
+                "intact: free some space, then continue with --resume"
+            ) from None
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch", "split") and isinstance(value, (int, float)):
@@ -58,6 +74,13 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def console(message: str, *, enabled: bool = True) -> None:
+    """Print one line of run progress to stdout (header, epoch lines) without breaking an active progress bar."""
+    if enabled:
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
