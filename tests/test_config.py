@@ -72,11 +72,11 @@ def test_yaml_then_overrides(tmp_path):
     )
     cfg = load_config(
         path,
-        ["train.epochs=3", "schedule.milestones=[1,2]", "data.root=null", "model.student_kwargs.drop_rate=0.1"],
+        ["train.epochs=3", "schedule.milestones=[1,2]", "data.root=null", "model.student_kwargs.width=8"],
     )
     assert (cfg.data.name, cfg.data.root, cfg.train.epochs, cfg.train.batch_size) == ("cifar100", None, 3, 64)
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.optim.weight_decay == 5e-4
-    assert cfg.schedule.milestones == [1, 2] and cfg.model.student_kwargs == {"drop_rate": 0.1}
+    assert cfg.schedule.milestones == [1, 2] and cfg.model.student_kwargs == {"width": 8}
     assert cfg.output_dir == "runs/a"
 
 

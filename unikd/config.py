@@ -12,10 +12,15 @@ flat in YAML (``{name: uskd, alpha: 0.1}``) and held as ``MethodConfig(name, par
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import functools
 import itertools
+import json
+import math
 import os
+import re
 import types
 import typing
 import warnings
@@ -26,17 +31,48 @@ from typing import Any
 
 import yaml
 
-from unikd._errors import ConfigError
+from unikd._errors import ConfigError, UnikdError
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder", "fake")
+# Channels of each dataset's own images (data.channels=3 repeats a grayscale one for RGB models).
+NATIVE_CHANNELS = {"cifar10": 3, "cifar100": 3, "fashion_mnist": 1, "mnist": 1, "imagefolder": 3, "fake": 3}
 MODEL_PREFIXES = ("cifar/", "timm/", "tv/")
 # Set from the dataset by the trainer; giving them in *_kwargs could only disagree with it.
 _DERIVED_MODEL_KWARGS = ("num_classes", "in_chans")
 # Names users type for a choice that spelling distance would get wrong (difflib offers 'cpu' for 'gpu').
 _SYNONYMS = {"gpu": "cuda", "fp32": "none", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
+# Keys that may differ between a run and its --resume (README, "The trainer"): where the data and the outputs live,
+# how fast data loads, how long to train, and what is logged. Any other difference is refused.
+SAFE_TO_CHANGE_ON_RESUME = (
+    "output_dir",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "data.pin_memory",
+    "train.epochs",
+    "train.device",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.log_every",
+    "train.progress",
+    "train.tensorboard",
+)
+# What a checkpoint's stored config may set when the checkpoint is evaluated (unikd eval, softlabels): what the
+# student is and the dataset it was trained on, never downloads, workers, batch sizes, devices or subsets.
+_STORED_KEYS_FOR_EVAL = {
+    "data": ("name", "root", "num_classes", "img_size", "channels"),
+    "model": ("student", "student_kwargs", "feature_layer"),
+    "method": None,  # every hyper-parameter (soft labels rebuild USKD's weak head); checked like any config
+}
+# Model keyword arguments a stored config may not pass when a checkpoint is evaluated: they fetch or read files.
+_FETCHING_MODEL_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+_MAX_SEED = 2**32 - 1  # NumPy's legacy seeding takes 32 bits
+
 __all__ = [
     "DATASETS",
+    "NATIVE_CHANNELS",
+    "SAFE_TO_CHANGE_ON_RESUME",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -46,8 +82,11 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "check_teacher_num_classes",
+    "config_changes",
+    "config_for_checkpoint",
     "config_from_dict",
     "config_to_dict",
+    "dataset_channels",
     "dump_config",
     "load_config",
     "save_config",
@@ -55,10 +94,15 @@ __all__ = [
 
 
 def _option(
-    default: Any, *, choices: Iterable[str] | None = None, minimum: float | None = None, positive: bool = False
+    default: Any,
+    *,
+    choices: Iterable[Any] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
 ) -> Any:
-    """A dataclass field whose value must be one of ``choices``, ``>= minimum``, or ``> 0`` (``positive``)."""
-    metadata = {"choices": choices and tuple(choices), "minimum": minimum, "positive": positive}
+    """A dataclass field whose value must be one of ``choices``, in [``minimum``, ``maximum``], or ``> 0``."""
+    metadata = {"choices": choices and tuple(choices), "minimum": minimum, "maximum": maximum, "positive": positive}
     return field(default=default, metadata=metadata)
 
 
@@ -76,6 +120,7 @@ class DataConfig:
     val_subset: int | None = _option(None, minimum=1)
     num_workers: int = _option(2, minimum=0)
     pin_memory: bool = True  # only effective with CUDA
+    channels: int | None = _option(None, choices=(1, 3))  # None: the dataset's own; 3 repeats a grayscale channel
 
 
 @dataclass
@@ -124,7 +169,7 @@ class TrainConfig:
     amp: str = _option("none", choices=("none", "bf16", "fp16"))
     compile: bool = False
     channels_last: bool = False
-    seed: int = 0
+    seed: int = _option(0, minimum=0, maximum=_MAX_SEED)
     deterministic: bool = False
     device: str = _option("auto", choices=("auto", "cpu", "cuda"))
     max_steps_per_epoch: int | None = _option(None, minimum=1)  # cap for quick runs and tests
@@ -155,13 +200,19 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), *
     raw: Any = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            data = Path(path).read_bytes()
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except OSError as error:
             raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
         try:
-            raw = yaml.safe_load(text)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); save it as UTF-8"
+            ) from None
+        try:
+            raw = _load_yaml(text)
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: invalid YAML{_yaml_error_location(error)}") from None
         if raw is None:
@@ -232,6 +283,52 @@ def check_teacher_num_classes(model_cfg: ModelConfig, num_classes: int) -> None:
         )
 
 
+def dataset_channels(data_cfg: DataConfig) -> int:
+    """The channel count of the images the models see: ``data.channels``, else the dataset's own."""
+    return data_cfg.channels or NATIVE_CHANNELS[data_cfg.name]
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """The values that differ between two configs in plain-dict form (``config_to_dict``), by key path:
+    ``{"optim.lr": (0.1, 0.2)}``. Nested mappings (``model.student_kwargs``, ``method``) compare key by key; a key
+    one side lacks shows as ``"<unset>"``."""
+    old_leaves, new_leaves = _leaves(old), _leaves(new)
+    keys = list(old_leaves) + [key for key in new_leaves if key not in old_leaves]
+    unset = "<unset>"
+    changes = {key: (old_leaves.get(key, unset), new_leaves.get(key, unset)) for key in keys}
+    return {key: values for key, values in changes.items() if values[0] != values[1]}
+
+
+def config_for_checkpoint(stored: Any, overrides: Iterable[str] = ()) -> Config:
+    """The config to evaluate a checkpoint with (``unikd eval``, ``unikd softlabels``).
+
+    It starts from the defaults and takes from the checkpoint's stored config only what the student is and which
+    dataset it was trained on (``data.name``, ``root``, ``num_classes``, ``img_size``, ``channels``; the student, its
+    keyword arguments and feature layer; a teacher-free method's hyper-parameters), then applies the user's
+    ``overrides``. So a checkpoint from elsewhere cannot make evaluation download anything, create folders, fetch
+    weights, or choose workers, batch sizes, the device or a validation subset: those are the defaults (no
+    download, the full validation set) unless the command line says otherwise.
+    """
+    from unikd.methods import METHODS
+
+    if not isinstance(stored, dict):
+        raise ConfigError(f"the checkpoint's config: expected a mapping, got {type(stored).__name__}")
+    raw: dict[str, Any] = {}
+    for section, keys in _STORED_KEYS_FOR_EVAL.items():
+        values = stored.get(section)
+        if isinstance(values, dict):
+            raw[section] = _deepcopy_plain(values if keys is None else {k: values[k] for k in keys if k in values})
+    method = raw.get("method", {})
+    if not isinstance(method.get("name"), str) or getattr(METHODS.get(method["name"]), "needs_teacher", True):
+        raw.pop("method", None)  # the teacher is not needed to evaluate its student
+    student_kwargs = raw.get("model", {}).get("student_kwargs")
+    if isinstance(student_kwargs, dict):
+        raw["model"]["student_kwargs"] = {
+            key: value for key, value in student_kwargs.items() if key not in _FETCHING_MODEL_KWARGS
+        }
+    return config_from_dict(raw, overrides, check_files=False)
+
+
 # ---- validation -------------------------------------------------------------------------------------------------
 
 
@@ -258,8 +355,14 @@ def _convert_fields(cls: type, raw: Any, path: str, skip: tuple[str, ...] = ()) 
 
 
 def _convert(value: Any, hint: Any, path: str) -> Any:
-    """Return ``value`` as type ``hint`` (int, float, bool, str, dict, list[int], unions with None)."""
+    """Return ``value`` as type ``hint`` (int, float, bool, str, dict, list[int], unions with None, Literal).
+
+    Floats must be finite. A ``Literal`` converts to the type of its choices; which choice is the caller's check.
+    """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        kinds = {type(arg) for arg in args}
+        return _convert(value, kinds.pop(), path) if len(kinds) == 1 else value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -272,13 +375,16 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
         if isinstance(value, list):
             return [_convert(item, args[0], f"{path}[{index}]") for index, item in enumerate(value)]
     elif hint is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads exponents without a dot, e.g. 5e-4, as strings
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads exponents without a dot, e.g. 5e-4, as strings
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{path}: must be a finite number, got {number!r}")
+            return number
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -292,26 +398,33 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
 
 def _check_value(value: Any, metadata: typing.Mapping, path: str) -> Any:
     choices, minimum, positive = metadata.get("choices"), metadata.get("minimum"), metadata.get("positive")
-    if choices and value not in choices:
+    maximum = metadata.get("maximum")
+    if choices and value is not None and value not in choices:
         raise ConfigError(_not_one_of(path, value, choices))
     for item in value if isinstance(value, list) else [value]:
         if minimum is not None and item is not None and item < minimum:
             raise ConfigError(f"{path}: must be >= {minimum}, got {item!r}")
+        if maximum is not None and item is not None and item > maximum:
+            raise ConfigError(f"{path}: must be <= {maximum}, got {item!r}")
         if positive and item is not None and item <= 0:
             raise ConfigError(f"{path}: must be > 0, got {item!r}")
     return value
 
 
 def _method_config(raw: dict) -> MethodConfig:
-    """Check the flat ``method`` section against the registry and return the name plus every resolved param."""
-    from unikd.methods import METHODS, method_defaults  # lazy: the registry imports torch and the losses
+    """Check the flat ``method`` section against the registry and return the name plus every resolved param.
+
+    Values convert to the types of the method's ``__init__`` annotations, then ``check_hyperparameters`` checks
+    choices (``Literal``) and ranges, so that ``temperature=0`` fails here rather than at the first step.
+    """
+    from unikd.methods import METHODS, check_hyperparameters, hyperparameter_types, method_defaults  # imports torch
 
     name = raw.get("name", MethodConfig.name)
     if not isinstance(name, str):
         raise ConfigError(f"method.name: expected str, got {_describe(name)}")
     if name not in METHODS:
         raise ConfigError(_not_one_of("method.name", name, METHODS))
-    defaults = method_defaults(name)
+    defaults, hints = method_defaults(name), hyperparameter_types(name)
     params = dict(defaults)
     for key, value in raw.items():
         if key == "name":
@@ -319,8 +432,9 @@ def _method_config(raw: dict) -> MethodConfig:
         if key not in defaults:
             message = _unknown_key(f"method.{key}", str(key), ["name", *defaults], "method")
             raise ConfigError(message.replace("unknown key", f"unknown key for method '{name}'", 1))
-        default = defaults[key]
-        params[key] = value if default is None else _convert(value, type(default), f"method.{key}")
+        hint = hints.get(key)
+        params[key] = value if hint is None else _convert(value, hint, f"method.{key}")
+    check_hyperparameters(name, params)
     return MethodConfig(name=name, params=params)
 
 
@@ -340,6 +454,13 @@ def _check_model(cfg: Config, *, check_files: bool) -> None:
                 raise ConfigError(
                     f"model.{key}.{derived}: set from the dataset, remove it (data.num_classes checks it)"
                 )
+    native = NATIVE_CHANNELS[cfg.data.name]
+    if cfg.data.channels not in (None, native, 3):
+        raise ConfigError(
+            f"data.channels: {cfg.data.name} images have {native} channels; data.channels can only repeat a "
+            "grayscale channel (data.channels=3)"
+        )
+    _check_model_builds(cfg, "student")
     method = cfg.method.name
     if METHODS[method].needs_teacher:
         if model.teacher is None:
@@ -354,8 +475,59 @@ def _check_model(cfg: Config, *, check_files: bool) -> None:
             )
         if check_files and model.teacher_checkpoint is not None and not os.path.isfile(model.teacher_checkpoint):
             raise ConfigError(f"model.teacher_checkpoint: file not found: {model.teacher_checkpoint}")
+        _check_model_builds(cfg, "teacher")
     elif model.teacher is not None or model.teacher_checkpoint is not None:
         warnings.warn(f"model.teacher: method '{method}' does not use a teacher; ignoring it", stacklevel=3)
+
+
+def _check_model_builds(cfg: Config, role: str) -> None:
+    """Build the student or teacher on the meta device (no memory, no weights, no download), so that an unknown model
+    name or keyword argument, or a model that cannot take the data's channels, fails now rather than after the data
+    is loaded."""
+    name, kwargs = getattr(cfg.model, role), getattr(cfg.model, f"{role}_kwargs")
+    channels = dataset_channels(cfg.data)
+    if name.startswith("tv/") and channels != 3:
+        raise ConfigError(
+            f"model.{role}: torchvision models take 3-channel images and {cfg.data.name} has {channels}; set "
+            "data.channels=3 to repeat its grayscale channel"
+        )
+    kwargs = {key: value for key, value in kwargs.items() if key != "pretrained"}  # weights are not needed to check
+    try:
+        problem = _cached_build_problem(name, json.dumps(kwargs, sort_keys=True), channels)
+    except TypeError:  # a value JSON cannot hold (a YAML date): check without the cache
+        problem = _model_build_problem(name, kwargs, channels)
+    if problem is None:
+        return
+    unexpected = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", problem)
+    if unexpected:
+        raise ConfigError(f"model.{role}_kwargs.{unexpected[2]}: {name} ({unexpected[1]}) takes no such argument")
+    raise ConfigError(f"model.{role}: {problem}")
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_build_problem(name: str, kwargs_json: str, in_chans: int) -> str | None:
+    return _model_build_problem(name, json.loads(kwargs_json), in_chans)
+
+
+def _model_build_problem(name: str, kwargs: dict, in_chans: int) -> str | None:
+    """None when ``name`` builds with ``kwargs`` and ``in_chans``, else why not (one line)."""
+    import torch
+
+    from unikd.models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(name, 10, in_chans=in_chans, **kwargs)
+        return None
+    except UnikdError as error:  # ModelError: an unknown name, a keyword the constructor does not take
+        return str(error)
+    except Exception:  # an operation the meta device lacks: build it for real to tell a bad config from that
+        pass
+    try:
+        create_model(name, 10, in_chans=in_chans, **kwargs)
+    except Exception as error:
+        return f"{name} cannot be built with {kwargs}: {type(error).__name__}: {error}"
+    return None
 
 
 def _check_schedule(cfg: Config) -> None:
@@ -366,6 +538,36 @@ def _check_schedule(cfg: Config) -> None:
         raise ConfigError(
             f"schedule.warmup_epochs: {cfg.schedule.warmup_epochs:g} is more than train.epochs ({cfg.train.epochs})"
         )
+
+
+# ---- YAML -------------------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in first_line
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r} (first at line {first_line[key]}); merge the two, the second "
+                    "would silently replace the first",
+                    problem_mark=key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 # ---- overrides --------------------------------------------------------------------------------------------------
@@ -381,7 +583,7 @@ def _apply_override(raw: dict, override: str) -> None:
     if not all(parts):
         raise ConfigError(f"override '{override}': empty name in key '{key}'")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _load_yaml(text) if text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"{key}: cannot parse value '{text}'{_yaml_error_location(error)}") from None
     node = raw
@@ -406,9 +608,9 @@ def _unknown_key(key_path: str, key: str, valid: list[str], parent: str) -> str:
     return f"{key_path}: unknown key (valid keys: {', '.join(sorted(valid))})"
 
 
-def _not_one_of(path: str, value: Any, choices: Iterable[str]) -> str:
-    choices = sorted(choices)
-    message = f"{path}: {value!r} is not one of {', '.join(choices)}"
+def _not_one_of(path: str, value: Any, choices: Iterable[Any]) -> str:
+    choices = sorted(choices, key=str)
+    message = f"{path}: {value!r} is not one of {', '.join(map(str, choices))}"
     close = _closest(str(value), choices)
     return f"{message} (did you mean '{close}'?)" if close else message
 
@@ -417,6 +619,7 @@ def _closest(word: str, choices: list[str]) -> str | None:
     """The likely intended choice: a known synonym, a close spelling, or the only choice ``word`` begins."""
     if _SYNONYMS.get(word.lower()) in choices:
         return _SYNONYMS[word.lower()]
+    choices = [str(choice) for choice in choices]
     close = difflib.get_close_matches(word, choices, n=1)
     starting = [choice for choice in choices if word and choice.startswith(word)]
     return close[0] if close else starting[0] if len(starting) == 1 else None
@@ -443,6 +646,15 @@ def _yaml_error_location(error: yaml.YAMLError) -> str:
     mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{where}: {problem}" if problem else where
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    leaves = {}
+    for key, item in value.items():
+        leaves |= _leaves(item, _join(prefix, key))
+    return leaves
 
 
 def _deepcopy_plain(value: Any) -> Any:
