@@ -17,16 +17,25 @@ Datasets (``data.name``) and the files each expects under ``data.root``:
   1000 training and ``data.val_subset`` or 200 validation images; for smoke tests and benchmarks.
 
 ``data.augment=none`` turns training augmentation off; ``randaugment`` adds torchvision's RandAugment after
-crop + flip on the small-image datasets. Images are normalised with each dataset's mean and std. The trainer owns
-the loaders (workers, pinned memory, samplers).
+crop + flip on the small-image datasets. Images are normalised with each dataset's mean and std; ``data.channels=3``
+then repeats a grayscale dataset's channel for models that take RGB (torchvision's). The trainer owns the loaders
+(workers, pinned memory, samplers).
+
+Damaged data stops the run with a ``DataError`` naming the file, rather than training on other images than the
+folder holds: a truncated or unreadable image (when it is first read; unikd does not decode every image up front),
+an image larger than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89 million pixels), a
+truncated idx or CIFAR file (when the dataset is built). Images are never skipped.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import shutil
 import tempfile
+import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +43,29 @@ from typing import Any, NamedTuple
 from urllib.error import URLError
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset, default_collate
 from torchvision import datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms import v2
 
-from unikd._errors import ConfigError
-from unikd.config import DataConfig
+from unikd._errors import ConfigError, DataError
+from unikd.config import NATIVE_CHANNELS, DataConfig, dataset_channels
 
-__all__ = ["DataBundle", "MixCollate", "build_datasets", "build_mix_collate", "build_transform", "dataset_root"]
+__all__ = [
+    "DataBundle",
+    "MixCollate",
+    "build_datasets",
+    "build_mix_collate",
+    "build_transform",
+    "dataset_root",
+    "read_rgb_image",
+]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where the Debian package dataset-fashion-mnist puts it
 SUBSET_SEED = 0  # subsets are the same for every run (and every train.seed), so runs compare on the same images
 FAKE_SIZES = (1000, 200)  # train, val images of data.name=fake unless data.train_subset / data.val_subset
+FAKE_VAL_OFFSET = 10**9  # FakeData index offset of the validation images
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -106,14 +125,13 @@ def build_datasets(data_cfg: DataConfig) -> DataBundle:
             f"data.num_classes: {data_cfg.num_classes} does not match the dataset "
             f"({data_cfg.name} in {root} has {len(class_names)} classes)"
         )
-    stats = _STATS[data_cfg.name]
     return DataBundle(
         train=_subset(train, data_cfg.train_subset),
         val=_subset(val, data_cfg.val_subset),
         num_classes=len(class_names),
         class_names=list(class_names),
-        in_chans=len(stats.mean),
-        img_size=data_cfg.img_size or stats.img_size,
+        in_chans=dataset_channels(data_cfg),
+        img_size=data_cfg.img_size or _STATS[data_cfg.name].img_size,
     )
 
 
@@ -123,6 +141,8 @@ def build_transform(data_cfg: DataConfig, *, train: bool) -> Callable:
     size = data_cfg.img_size or stats.img_size
     augment = train and data_cfg.augment != "none"
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(stats.mean, stats.std)]
+    if dataset_channels(data_cfg) != NATIVE_CHANNELS[data_cfg.name]:
+        to_tensor.append(_RepeatChannels(dataset_channels(data_cfg)))
     if data_cfg.name == "imagefolder":
         if augment and data_cfg.augment == "randaugment":
             from timm.data import create_transform
@@ -144,6 +164,16 @@ def build_transform(data_cfg: DataConfig, *, train: bool) -> Callable:
         if data_cfg.augment == "randaugment":
             steps.append(v2.RandAugment())
     return v2.Compose([*steps, *to_tensor])
+
+
+class _RepeatChannels:
+    """(1, H, W) -> (channels, H, W): a grayscale image for models that take RGB. A class, so workers can pickle it."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image.repeat(self.channels, 1, 1)
 
 
 class MixCollate:
@@ -211,8 +241,14 @@ def _cifar(data_cfg: DataConfig, root: Path, train_tf: Callable, val_tf: Callabl
         _download(lambda: cls(root, train=True, download=True), data_cfg.name, root)
     if not all((root / cls.base_folder / name).is_file() for name in files):
         raise _not_found(data_cfg.name, root, expected, downloadable=True)
-    train = cls(root, train=True, transform=train_tf)
-    return train, cls(root, train=False, transform=val_tf), train.classes
+    try:
+        train, val = cls(root, train=True, transform=train_tf), cls(root, train=False, transform=val_tf)
+    except (EOFError, pickle.UnpicklingError, ValueError, KeyError, OSError) as error:
+        raise DataError(
+            f"data.root: the {data_cfg.name} files in {root / cls.base_folder} are damaged or truncated "
+            f"({_reason(error)}); download or copy them again"
+        ) from None
+    return train, val, train.classes
 
 
 # ---- MNIST-like (idx files) -------------------------------------------------------------------------------------
@@ -250,9 +286,27 @@ class _FlatIdx:
 
     def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         split = "train" if self.train else "t10k"
-        images = _read_idx(read_image_file, _idx_path(self.root, f"{split}-images-idx3-ubyte"))
-        labels = _read_idx(read_label_file, _idx_path(self.root, f"{split}-labels-idx1-ubyte"))
+        images_path = _idx_path(self.root, f"{split}-images-idx3-ubyte")
+        labels_path = _idx_path(self.root, f"{split}-labels-idx1-ubyte")
+        images, labels = self._read(read_image_file, images_path), self._read(read_label_file, labels_path)
+        if len(images) != len(labels):
+            raise DataError(
+                f"data.root: {images_path} holds {len(images)} images but {labels_path} {len(labels)} labels; "
+                f"{self._fix}"
+            )
         return images, labels
+
+    def _read(self, reader: Callable[[str], torch.Tensor], path: Path) -> torch.Tensor:
+        try:
+            return _read_idx(reader, path)
+        except (EOFError, OSError, RuntimeError, ValueError, AssertionError, zlib.error) as error:
+            raise DataError(f"data.root: {path} is damaged or truncated ({_reason(error)}); {self._fix}") from None
+
+    @property
+    def _fix(self) -> str:
+        if isinstance(self, datasets.FashionMNIST):
+            return "reinstall it (apt-get install --reinstall dataset-fashion-mnist) or copy the file again"
+        return "download or copy the file again"
 
 
 class _FashionMNIST(_FlatIdx, datasets.FashionMNIST):
@@ -285,10 +339,14 @@ def _imagefolder(data_cfg: DataConfig, root: Path, train_tf: Callable, val_tf: C
     if not ((root / "train").is_dir() and (root / "val").is_dir()):
         raise _not_found(data_cfg.name, root, expected, downloadable=False)
     try:
-        train = datasets.ImageFolder(root / "train", transform=train_tf)
-        val = datasets.ImageFolder(root / "val", transform=val_tf)
+        train = datasets.ImageFolder(root / "train", transform=train_tf, loader=read_rgb_image)
+        val = datasets.ImageFolder(root / "val", transform=val_tf, loader=read_rgb_image)
     except FileNotFoundError as error:  # no class folders, or a class folder without images
         raise ConfigError(f"data.root: {error} (expected {expected})") from None
+    if len(train.classes) < 2:
+        raise ConfigError(
+            f"data.root: {root}/train has one class folder ({train.classes[0]}); classification needs at least two"
+        )
     if val.classes != train.classes:
         only = sorted(set(train.classes) ^ set(val.classes))
         raise ConfigError(
@@ -297,13 +355,34 @@ def _imagefolder(data_cfg: DataConfig, root: Path, train_tf: Callable, val_tf: C
     return train, val, train.classes
 
 
+def read_rgb_image(path: str) -> Image.Image:
+    """ImageFolder's loader: the image at ``path`` decoded to RGB now; a ``DataError`` naming the file when it is
+    truncated, not an image, or larger than PIL's decompression-bomb limit (its warning counts as the error)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as file:
+                return Image.open(file).convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DataError(
+            f"data: {path} is too large to decode safely ({_reason(error)}); shrink or remove the image (the limit "
+            "is PIL.Image.MAX_IMAGE_PIXELS)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        reason = "not an image format PIL knows" if isinstance(error, Image.UnidentifiedImageError) else _reason(error)
+        raise DataError(
+            f"data: cannot read image {path} ({reason}); replace or remove it (unikd stops rather than skip images)"
+        ) from None
+
+
 def _fake(data_cfg: DataConfig, train_tf: Callable, val_tf: Callable) -> tuple[Dataset, Dataset, list]:
     num_classes = data_cfg.num_classes or 10
     size = data_cfg.img_size or _STATS["fake"].img_size
     train_size, val_size = data_cfg.train_subset or FAKE_SIZES[0], data_cfg.val_subset or FAKE_SIZES[1]
-    # random_offset keeps the validation images distinct from the training images
+    # A fixed random_offset keeps the validation images distinct from the training images (FakeData seeds image i
+    # with i + offset) and the same whatever data.train_subset, so a checkpoint's validation set is well defined.
     train = datasets.FakeData(train_size, (3, size, size), num_classes, transform=train_tf)
-    val = datasets.FakeData(val_size, (3, size, size), num_classes, transform=val_tf, random_offset=train_size)
+    val = datasets.FakeData(val_size, (3, size, size), num_classes, transform=val_tf, random_offset=FAKE_VAL_OFFSET)
     return train, val, [f"class_{index}" for index in range(num_classes)]
 
 
@@ -317,6 +396,11 @@ def _not_found(name: str, root: Path, expected: str, *, downloadable: bool, hint
     fix = f"{hint}point data.root at the folder that holds them"
     fix += ", or set data.download=true to download them" if downloadable else ""
     return ConfigError(f"data.root: {name} not found in {root} (expected {expected}); {fix}")
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _download(fetch: Callable[[], Any], name: str, root: Path) -> None:
