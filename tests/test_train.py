@@ -6,11 +6,13 @@ finishes the step, saves ``last.pt`` and raises ``KeyboardInterrupt``), or the t
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,7 +93,10 @@ def test_train_writes_the_run_directory_and_eval_checkpoint_agrees(tmp_path, mon
     assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.jsonl", "tb", "last.pt", "best.pt", "final.json"}
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
     assert json.loads((run / "final.json").read_text()) == result
-    assert set(result) == {"best_top1", "best_epoch", "last_top1", "last_top5", "history"}
+    assert set(result) == {
+        *("best_top1", "best_epoch", "last_top1", "last_top5", "teacher_top1", "history", "device", "run_id"),
+    }
+    assert result["device"] == "cpu" and result["teacher_top1"] is None
     assert len(result["history"]) == 2 and result["last_top1"] == result["history"][-1]["top1"]
     assert clip_calls == [2.0] * 2 * STEPS_PER_EPOCH
 
@@ -115,7 +120,18 @@ def test_train_writes_the_run_directory_and_eval_checkpoint_agrees(tmp_path, mon
     assert checkpoint["config"]["method"]["name"] == "uskd"
     assert checkpoint["metrics"]["history"] == result["history"]
 
-    scores = evaluate_checkpoint(run / "last.pt", [])
+    assert checkpoint["run_id"] == result["run_id"] and checkpoint["in_chans"] == 3
+    assert checkpoint["data"] == {"train_images": 64, "val_images": 24}
+
+    # eval scores the whole validation set unless asked: FakeData's is 200 images, the run used a 24-image subset
+    assert evaluate_checkpoint(run / "last.pt", [])["images"] == 200
+    scores = evaluate_checkpoint(run / "last.pt", ["data.val_subset=24"])
+    assert (scores["split"], scores["images"], scores["dataset"], scores["model_name"]) == (
+        "val",
+        24,
+        "fake",
+        "cifar/smallcnn",
+    )
     assert scores["top1"] == pytest.approx(result["last_top1"])
     assert scores["top5"] == pytest.approx(result["last_top5"])
     assert scores["loss"] == pytest.approx(result["history"][-1]["val_loss"], rel=1e-5)
@@ -308,26 +324,45 @@ def test_optimizer_step_clips_the_gradient_norm():
 # ---- checkpoint files ----------------------------------------------------------------------------------------------
 
 
-def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "disk full: could not write {path} ("),
+        (OSError(errno.EACCES, "Permission denied"), "cannot write {path}: Permission denied; check the folder"),
+    ],
+    ids=["disk-full", "permission"],
+)
+def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch, error, message):
     path = tmp_path / "last.pt"
     save_checkpoint({"format": "unikd-checkpoint", "version": 1, "step": 1}, path)
     before = path.read_bytes()
 
     def failing_save(obj, f):
         f.write(b"partial")
-        raise OSError("disk full")
+        raise error
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UnikdError, match=f"^{re.escape(message.format(path=path))}"):
         save_checkpoint({"format": "unikd-checkpoint", "version": 1, "step": 2}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_a_write_that_torch_reports_without_errno_is_disk_full_when_the_disk_is(tmp_path, monkeypatch):
+    def failing_save(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # torch on ENOSPC
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 0))
+    with pytest.raises(UnikdError, match=r"^disk full: could not write .*last\.pt \(0 MiB free\); the previous"):
+        save_checkpoint({"step": 2}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     save_checkpoint({"format": "unikd-checkpoint", "version": 1, "rng": capture_rng_state()}, tmp_path / "c.pt")
     expected = (random.random(), np.random.rand(), torch.rand(3))
-    restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    restore_rng_state(load_checkpoint(tmp_path / "c.pt", required=())["rng"])
     actual = (random.random(), np.random.rand(), torch.rand(3))
     assert expected[:2] == actual[:2] and torch.equal(expected[2], actual[2])
 

@@ -1,14 +1,21 @@
 """The training engine: ``train(cfg)`` runs one experiment; ``evaluate_checkpoint(path)`` scores a saved student.
 
-``train`` reads top to bottom: run directory → data → student, method, teacher → optimizer and schedule → resume →
-the loop (steps, evaluation, checkpoints) → ``final.json``. It writes into ``cfg.output_dir``::
+``train`` reads as four phases: ``_set_up`` (run directory, resume checks, data, models, optimizer), then per epoch
+``_train_epoch`` (each step one ``_train_step``) and ``_end_epoch`` (finiteness check, evaluation, checkpoints),
+then ``_finish`` (``final.json``). It prints a header and one line per epoch, and writes into ``cfg.output_dir``::
 
-    config.yaml     the resolved config
-    metrics.jsonl   one line per logged train step and per evaluation (see unikd._logging)
+    config.yaml     the resolved config (rewritten when a resume changes a key that may change)
+    metrics.jsonl   one line per logged train step, per evaluation and per resume (see unikd._logging)
     tb/             TensorBoard events (train.tensorboard)
     last.pt         checkpoint at the end of every epoch, and on interrupt (format: unikd._checkpoint)
     best.pt         checkpoint of the epoch with the best validation top-1
     final.json      the dict ``train`` returns, once the run completes
+    .lock           present while a run works there
+
+Integrity (unikd._rundir): the run locks its directory, so a second run there fails at once; writability and free
+space are checked before any work; every file is written atomically, best.pt before last.pt, so the set of files is
+consistent (or repaired on ``--resume``) whenever the process dies; no checkpoint is written from a model whose
+parameters, buffers or optimizer state hold a NaN or an infinity (the run stops, as for a non-finite loss).
 
 Determinism: the same ``train.seed`` gives the same student initialisation and the same data order whatever the
 method (the student is built right after seeding, before the method; each epoch's order is a function of
@@ -17,11 +24,14 @@ method (the student is built right after seeding, before the method; each epoch'
 Interrupts: the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current training step (one that
 arrives during evaluation takes effect at the next step; all ranks agree on the step); it saves a resumable
 ``last.pt`` (mid-epoch position included) and raises ``KeyboardInterrupt`` for SIGINT (the CLI exits 130) or
-``SystemExit(143)`` for SIGTERM. A second Ctrl-C aborts at once. Data workers ignore both signals.
+``SystemExit(143)`` for SIGTERM. A second Ctrl-C aborts at once. Data workers ignore both signals. An unreadable
+image (``DataError``) stops the run the same way, after saving, so that it continues once the file is fixed.
 
-Resume: ``--resume`` (``train(cfg, resume=True)``) continues from ``last.pt``. On CPU with ``data.num_workers=0``
-the resumed run is bit-identical to an uninterrupted one; with data workers the data order is identical but the
-workers' augmentation randomness is re-seeded.
+Resume: ``--resume`` (``train(cfg, resume=True)``) continues from ``last.pt``. The config must be the run's own,
+except for ``config.SAFE_TO_CHANGE_ON_RESUME`` (each change is printed and recorded in metrics.jsonl), and the
+dataset must have as many images as before. On CPU with ``data.num_workers=0`` the resumed run is bit-identical to
+an uninterrupted one; with data workers the data order is identical but the workers' augmentation randomness is
+re-seeded.
 
 Distributed: under torchrun each rank takes ``train.batch_size / world_size`` images per step; the student and the
 method are wrapped in DDP (the frozen teacher is not); metrics are all-reduced and only rank 0 writes files. Plain
@@ -33,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import random
@@ -41,6 +50,10 @@ import signal
 import sys
 import threading
 import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,21 +67,48 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from unikd._checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    RESUME_ENTRIES,
     capture_rng_state,
     load_checkpoint,
+    load_student_weights,
+    non_finite_state,
     restore_rng_state,
-    save_checkpoint,
 )
 from unikd._distributed import DistInfo, all_reduce, init_distributed, resolve_device
-from unikd._errors import UnikdError
-from unikd._logging import MetricsWriter, peak_memory_mb, progress_bar
+from unikd._errors import DataError, UnikdError
+from unikd._logging import MetricsWriter, console, peak_memory_mb, progress_bar
 from unikd._optim import build_optimizer, build_scheduler
-from unikd.config import Config, check_teacher_num_classes, config_from_dict, config_to_dict, save_config
-from unikd.data import build_datasets, build_mix_collate
+from unikd._rundir import (
+    BEST,
+    CONFIG,
+    FINAL,
+    LAST,
+    METRICS,
+    check_writable,
+    lock_run_directory,
+    prepare_output_dir,
+    reconcile_checkpoints,
+    remove_temp_files,
+    trim_metrics,
+    write_checkpoints,
+    write_json,
+    write_text,
+)
+from unikd.config import (
+    SAFE_TO_CHANGE_ON_RESUME,
+    Config,
+    check_teacher_num_classes,
+    config_changes,
+    config_for_checkpoint,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+)
+from unikd.data import DataBundle, build_datasets, build_mix_collate
 from unikd.methods import METHODS, Method, create_method, forward_student
 from unikd.models import create_model, feature_dim, load_teacher
 
-__all__ = ["TrainableModules", "evaluate", "evaluate_checkpoint", "optimizer_step", "train"]
+__all__ = ["TrainableModules", "evaluate", "evaluate_checkpoint", "optimizer_step", "student_from_checkpoint", "train"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -92,35 +132,118 @@ class TrainableModules(nn.Module):
         return self.method(student_out, target, teacher_logits=teacher_logits, progress=progress)
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds, built by ``_set_up``; ``step`` and ``metrics`` advance as it trains."""
+
+    cfg: Config
+    dist: DistInfo
+    device: torch.device
+    output_dir: Path
+    bundle: DataBundle
+    train_loader: DataLoader
+    train_sampler: _EpochSampler
+    val_loader: DataLoader
+    steps_per_epoch: int
+    student: nn.Module
+    method: Method
+    teacher: nn.Module | None
+    model: nn.Module  # what a step calls: TrainableModules, wrapped in DDP and/or compiled
+    eval_model: nn.Module  # the student, compiled or not
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    run_id: str
+    start_epoch: int
+    step: int
+    metrics: dict  # history, best_top1, best_epoch, teacher_top1, epoch_train_time_s (of a mid-epoch checkpoint)
+    writer: MetricsWriter | None = None
+    trainable_params: list[nn.Parameter] = field(default_factory=list)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES[self.cfg.train.amp]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+
+    def say(self, message: str) -> None:
+        """Print one line to the console (rank 0 only)."""
+        console(message, enabled=self.dist.is_main)
+
+
+@dataclass
+class _EpochStats:
+    """What ``_train_epoch`` measured, for the epoch's line and its val record."""
+
+    train_time_s: float
+    loss_sum: torch.Tensor  # summed over this process's steps of the epoch (not all-reduced yet)
+    steps: int
+
+
 def train(cfg: Config, *, resume: bool = False) -> dict:
     """Train ``cfg``'s student with ``cfg``'s method; see the module docstring for what is written where.
 
-    Returns ``{"best_top1", "best_epoch", "last_top1", "last_top5", "history"}`` (accuracies in percent; history:
-    one dict per evaluation). Raises ``UnikdError`` for a run directory/resume mismatch or a non-finite loss.
+    Returns ``{"best_top1", "best_epoch", "last_top1", "last_top5", "teacher_top1", "history", "device", "run_id"}``
+    (accuracies in percent; history: one dict per evaluation). Raises ``UnikdError`` for a user error: the run
+    directory, a resume that does not fit the run, a non-finite loss or model state, damaged data.
     """
     dist_info, device, owns_process_group = init_distributed(cfg.train.device)
     try:
-        with _determinism(cfg.train.deterministic), _graceful_stop() as stop:
-            return _train(cfg, resume, dist_info, device, stop)
+        with (
+            _determinism(cfg.train.deterministic),
+            _graceful_stop() as stop,
+            _run_directory(cfg, resume, dist_info, device) as output_dir,
+        ):
+            run = _set_up(cfg, resume, output_dir, dist_info, device)
+            with run.writer:
+                for epoch in range(run.start_epoch, cfg.train.epochs):
+                    stats = _train_epoch(run, epoch, stop)
+                    _end_epoch(run, epoch, stats)
+            return _finish(run)
     finally:
         if owns_process_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device, stop: _StopRequest) -> dict:
-    # ---- run directory -------------------------------------------------------------------------------------------
+# ---- phase 1: set-up ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _run_directory(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device) -> Iterator[Path]:
+    """Rank 0 creates, locks and checks ``output_dir`` for the whole run; every rank learns whether that worked."""
     output_dir = Path(cfg.output_dir)
-    last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
-    if resume and not last_path.is_file():
+    with contextlib.ExitStack() as stack:
+        error = None
+        if dist_info.is_main:
+            try:
+                output_dir = prepare_output_dir(output_dir)
+                stack.enter_context(lock_run_directory(output_dir))
+                remove_temp_files(output_dir)
+                _check_run_kind(output_dir, resume)
+                check_writable(output_dir)
+            except UnikdError as caught:
+                error = caught
+        _raise_on_any_rank(error, dist_info, device)
+        yield output_dir
+
+
+def _check_run_kind(output_dir: Path, resume: bool) -> None:
+    found = [output_dir / name for name in (LAST, BEST) if (output_dir / name).is_file()]
+    if resume and not found:
         raise UnikdError(
-            f"--resume: no checkpoint {last_path} to resume from; run without --resume to start a new run there"
+            f"--resume: no checkpoint {output_dir / LAST} to resume from; run without --resume to start a new run there"
         )
-    if not resume and last_path.is_file():
+    if not resume and found:
         raise UnikdError(
-            f"output_dir {output_dir} already holds a run ({last_path}); pass --resume to continue it, "
+            f"output_dir {output_dir} already holds a run ({found[0]}); pass --resume to continue it, "
             "or choose another output_dir"
         )
-    amp_dtype = AMP_DTYPES[cfg.train.amp]
+
+
+def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, device: torch.device) -> _Run:
+    """Everything before the first step: checks that need no data first, then data, models, optimizer, state."""
     if cfg.train.amp == "fp16" and device.type != "cuda":
         raise UnikdError("train.amp: 'fp16' needs CUDA (its GradScaler); on CPU use train.amp=bf16 or none")
     world = dist_info.world_size
@@ -128,15 +251,14 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device,
         raise UnikdError(
             f"train.batch_size: {cfg.train.batch_size} does not split over {world} processes; use a multiple of {world}"
         )
-    if dist_info.is_main:
-        save_config(cfg, output_dir / "config.yaml")
+    checkpoint, safe_changes = _resume_checkpoint(cfg, output_dir, dist_info, device) if resume else (None, {})
 
-    # ---- data ----------------------------------------------------------------------------------------------------
     _seed_everything(cfg.train.seed)
     bundle = build_datasets(cfg.data)
-    num_classes = bundle.num_classes
-    check_teacher_num_classes(cfg.model, num_classes)
-    train_loader, train_sampler = _train_loader(cfg, bundle.train, num_classes, dist_info, device)
+    check_teacher_num_classes(cfg.model, bundle.num_classes)
+    if checkpoint is not None:
+        _check_same_data(checkpoint, bundle, output_dir)
+    train_loader, train_sampler = _train_loader(cfg, bundle.train, bundle.num_classes, dist_info, device)
     val_loader = _eval_loader(cfg, bundle.val, dist_info, device)
     steps_per_epoch = min(len(train_loader), cfg.train.max_steps_per_epoch or len(train_loader))
     if steps_per_epoch == 0:
@@ -144,204 +266,386 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device,
             f"train.batch_size: {cfg.train.batch_size} is larger than the training set ({len(bundle.train)} images); "
             "lower it"
         )
-    per_rank_batch = cfg.train.batch_size // world
 
-    # ---- student, method, teacher --------------------------------------------------------------------------------
     # Seed again right before the student so its initialisation depends on the seed only (not on the data
     # pipeline, not on the method built after it): paired runs across methods start from the same weights.
     _seed_everything(cfg.train.seed)
-    student = create_model(cfg.model.student, num_classes, in_chans=bundle.in_chans, **cfg.model.student_kwargs)
-    method_cls = METHODS.get(cfg.method.name)
-    student_feature_dim = None
-    if method_cls is not None and method_cls.student_output == "feature":
-        student_feature_dim = feature_dim(student, cfg.model.feature_layer)
-    method = create_method(cfg.method.name, num_classes, feature_dim=student_feature_dim, **cfg.method.params)
-    teacher = None
-    if method.needs_teacher:
-        teacher_kwargs = {"in_chans": bundle.in_chans, **cfg.model.teacher_kwargs}
-        teacher = load_teacher(cfg.model.teacher, num_classes, cfg.model.teacher_checkpoint, **teacher_kwargs)
-        teacher = teacher.to(device).eval().requires_grad_(False)
+    student, method, teacher = _build_models(cfg, bundle, device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     trainable = TrainableModules(student, method, cfg.model.feature_layer).to(device, memory_format=memory_format)
-    if teacher is not None:
-        teacher = teacher.to(memory_format=memory_format)
-
-    # ---- optimizer, schedule, AMP ----------------------------------------------------------------------------------
     optimizer = build_optimizer(trainable, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, cfg.train.epochs, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    trainable_params = [p for p in trainable.parameters() if p.requires_grad]
-
-    # ---- resume --------------------------------------------------------------------------------------------------
-    start_epoch, step = 0, 0
-    run_metrics = {"history": [], "best_top1": None, "best_epoch": None, "epoch_train_time_s": 0.0}
-    checkpoint = None
-    if resume:
-        checkpoint = load_checkpoint(last_path)
-        if checkpoint["model_name"] != cfg.model.student or checkpoint["num_classes"] != num_classes:
-            raise UnikdError(
-                f"--resume: {last_path} holds a {checkpoint['model_name']} with {checkpoint['num_classes']} classes, "
-                f"but the config asks for a {cfg.model.student} with {num_classes}; resume with the run's own config "
-                f"({output_dir / 'config.yaml'})"
-            )
-        student.load_state_dict(checkpoint["model"])
-        method.load_state_dict(checkpoint["method"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, step, run_metrics = checkpoint["epoch"], checkpoint["step"], checkpoint["metrics"]
-        if not 0 <= step - start_epoch * steps_per_epoch <= steps_per_epoch:
-            raise UnikdError(
-                f"--resume: {last_path} stopped at step {step} of epoch {start_epoch}, which does not fit "
-                f"{steps_per_epoch} steps per epoch; resume with the run's own config ({output_dir / 'config.yaml'})"
-            )
-
-    # ---- distributed wrapping, compile ---------------------------------------------------------------------------
-    model = trainable
-    if dist_info.is_distributed:
-        model = DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
-    eval_model = student
-    if cfg.train.compile:
-        model, eval_model = torch.compile(model), torch.compile(student)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    def make_checkpoint(epoch: int) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "model_name": cfg.model.student,
-            "num_classes": num_classes,
-            "model": student.state_dict(),
-            "method": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "rng": capture_rng_state(),
-            "config": config_to_dict(cfg),
-            "metrics": run_metrics,
-        }
+    if dist_info.is_main:
+        check_writable(output_dir, _checkpoint_bytes(trainable, cfg.optim))
+    run = _Run(
+        cfg=cfg, dist=dist_info, device=device, output_dir=output_dir, bundle=bundle, train_loader=train_loader,
+        train_sampler=train_sampler, val_loader=val_loader, steps_per_epoch=steps_per_epoch, student=student,
+        method=method, teacher=teacher, model=trainable, eval_model=student, optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, cfg.train.epochs, steps_per_epoch),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"),
+        run_id=uuid.uuid4().hex, start_epoch=0, step=0,
+        metrics={"history": [], "best_top1": None, "best_epoch": None, "teacher_top1": None, "epoch_train_time_s": 0.0},
+        trainable_params=[p for p in trainable.parameters() if p.requires_grad],
+    )  # fmt: skip
+    if checkpoint is not None:
+        _restore(run, checkpoint)
+    elif teacher is not None:  # measured once per run; a resume reads it from the checkpoint
+        run.metrics["teacher_top1"] = evaluate(teacher, val_loader, device, amp_dtype=run.amp_dtype)["top1"]
+    _wrap_model(run, trainable)
 
     # Training randomness (dropout, augmentations drawn in this process) starts from the seed after everything is
     # built, so it too is the same across methods; each rank gets its own stream. A resume restores it instead.
     _seed_everything(cfg.train.seed + dist_info.rank)
     if checkpoint is not None:
         restore_rng_state(checkpoint["rng"])
+    _open_logs(run, resumed=checkpoint is not None, safe_changes=safe_changes)
+    return run
 
-    # ---- the loop ------------------------------------------------------------------------------------------------
-    metrics_writer = MetricsWriter(output_dir, enabled=dist_info.is_main, tensorboard=cfg.train.tensorboard)
-    with metrics_writer:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            batches_done = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
-            train_sampler.set_epoch(epoch)
-            train_sampler.start = batches_done * per_rank_batch
-            epoch_train_time = run_metrics["epoch_train_time_s"] if batches_done else 0.0
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            model.train()
-            bar = progress_bar(
-                steps_per_epoch, batches_done, f"epoch {epoch}", cfg.train.progress and dist_info.is_main
-            )
-            window_terms: dict[str, torch.Tensor] = {}
-            window_steps, window_start = 0, time.perf_counter()
-            epoch_start = time.perf_counter()
-            batches = iter(train_loader)
-            for batch_index in range(batches_done, steps_per_epoch):
-                images, target = next(batches)
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                target = target.to(device, non_blocking=True)
-                with autocast():
-                    teacher_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            teacher_logits = teacher(images).float()
-                    terms = model(images, target, teacher_logits, epoch + batch_index / steps_per_epoch)
-                loss = sum(terms.values())
 
-                # One check per step, agreed by all ranks, before the backward pass: a non-finite loss stops the run
-                # (the last checkpoint stays as it was), a stop request stops it after this step.
-                stop_requested = stop.signum is not None
-                if cfg.train.nan_check or dist_info.is_distributed:
-                    flags = torch.stack([~torch.isfinite(loss.detach()), torch.tensor(stop_requested, device=device)])
-                    flags = flags.float()
-                    flags = all_reduce(flags, op="max").tolist() if dist_info.is_distributed else flags.tolist()
-                    if cfg.train.nan_check and flags[0]:
-                        raise UnikdError(_non_finite_message(terms, step + 1, epoch, last_path))
-                    stop_requested = bool(flags[1])
+def _resume_checkpoint(
+    cfg: Config, output_dir: Path, dist_info: DistInfo, device: torch.device
+) -> tuple[dict, dict[str, tuple]]:
+    """``last.pt`` after rank 0 repaired the checkpoint set, and the config changes, all of them safe ones.
 
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (logged below)
-                optimizer_step(loss, optimizer, scaler, trainable_params, cfg.optim.clip_grad_norm)
-                scheduler.step()
-                step += 1
-                bar.update(1)
+    Raises ``UnikdError`` listing the differing keys when the config differs elsewhere from the one stored in the
+    checkpoint (the config the run was trained with).
+    """
+    error = None
+    if dist_info.is_main:
+        try:
+            checkpoint, notes = reconcile_checkpoints(output_dir)
+            for note in notes:
+                console(f"unikd: resume: {note}")
+        except UnikdError as caught:
+            error = caught
+    _raise_on_any_rank(error, dist_info, device)  # also waits for rank 0's repair
+    if not dist_info.is_main:
+        checkpoint = load_checkpoint(output_dir / LAST, RESUME_ENTRIES)
 
-                for name, value in terms.items():
-                    window_terms[name] = window_terms.get(name, 0.0) + value.detach().float()
-                window_steps += 1
-                if step % cfg.train.log_every == 0 or batch_index == steps_per_epoch - 1:
-                    names = [*window_terms, "loss"]
-                    sums = torch.stack([*window_terms.values(), sum(window_terms.values())])
-                    means = (all_reduce(sums) / (world * window_steps)).tolist()
-                    images_per_s = window_steps * cfg.train.batch_size / (time.perf_counter() - window_start)
-                    record = {"split": "train", "step": step, "epoch": epoch, "lr": lr}
-                    record.update(zip(names, means))
-                    record["images_per_s"] = images_per_s
-                    metrics_writer.write(record)
-                    bar.set_postfix({**dict(zip(names, means)), "lr": lr, "img/s": images_per_s}, refresh=False)
-                    window_terms, window_steps, window_start = {}, 0, time.perf_counter()
+    with warnings.catch_warnings():  # the stored config's own warnings were shown when it was first loaded
+        warnings.simplefilter("ignore")
+        stored = config_to_dict(config_from_dict(checkpoint["config"], check_files=False))
+    changes = config_changes(stored, config_to_dict(cfg))
+    refused = {key: change for key, change in changes.items() if key not in SAFE_TO_CHANGE_ON_RESUME}
+    if refused:
+        listing = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        raise UnikdError(
+            f"--resume: the config differs from the one {output_dir / LAST} was trained with: {listing}. Only "
+            f"{', '.join(SAFE_TO_CHANGE_ON_RESUME)} may change on resume; resume with the run's config "
+            f"({output_dir / CONFIG}), or start a new run in another output_dir"
+        )
+    epochs_needed = checkpoint["epoch"] + checkpoint["mid_epoch"]
+    if cfg.train.epochs < epochs_needed:
+        raise UnikdError(
+            f"train.epochs: {cfg.train.epochs}, but the run in {output_dir} has already started epoch "
+            f"{epochs_needed - 1}; pass train.epochs={epochs_needed} or more"
+        )
+    return checkpoint, changes
 
-                if stop_requested:
-                    run_metrics["epoch_train_time_s"] = epoch_train_time + time.perf_counter() - epoch_start
-                    if dist_info.is_main:
-                        save_checkpoint(make_checkpoint(epoch), last_path)
-                    bar.close()
-                    _raise_for_signal(stop.signum, last_path, dist_info.is_main)
+
+def _check_same_data(checkpoint: dict, bundle: DataBundle, output_dir: Path) -> None:
+    now = {"train_images": len(bundle.train), "val_images": len(bundle.val)}
+    if checkpoint["data"] != now:
+        before = ", ".join(f"{key} {checkpoint['data'].get(key)} -> {value}" for key, value in now.items())
+        raise UnikdError(
+            f"--resume: the dataset changed since {output_dir / LAST} was written ({before}); resume with the data "
+            "the run was trained on (replace damaged images rather than delete them)"
+        )
+
+
+def _build_models(cfg: Config, bundle: DataBundle, device: torch.device) -> tuple[nn.Module, Method, nn.Module | None]:
+    """The student, the method (with USKD's weak head sized to the student's feature) and the frozen teacher."""
+    num_classes = bundle.num_classes
+    student = create_model(cfg.model.student, num_classes, in_chans=bundle.in_chans, **cfg.model.student_kwargs)
+    method_cls = METHODS[cfg.method.name]
+    student_feature_dim = None
+    if method_cls.student_output == "feature":
+        student_feature_dim = feature_dim(student, cfg.model.feature_layer)
+    method = create_method(cfg.method.name, num_classes, feature_dim=student_feature_dim, **cfg.method.params)
+    teacher = None
+    if method.needs_teacher:
+        teacher_kwargs = {"in_chans": bundle.in_chans, **cfg.model.teacher_kwargs}
+        teacher = load_teacher(cfg.model.teacher, num_classes, cfg.model.teacher_checkpoint, **teacher_kwargs)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    return student, method, teacher
+
+
+def _checkpoint_bytes(trainable: nn.Module, optim_cfg) -> int:
+    """About the size of one checkpoint: the weights and buffers, the optimizer's per-parameter slots, and 1 MiB."""
+    state = sum(tensor.numel() * tensor.element_size() for tensor in trainable.state_dict().values())
+    parameters = sum(p.numel() * p.element_size() for p in trainable.parameters() if p.requires_grad)
+    slots = 2 if optim_cfg.name == "adamw" else int(optim_cfg.momentum > 0)
+    return state + slots * parameters + 2**20
+
+
+def _restore(run: _Run, checkpoint: dict) -> None:
+    """Put the run where ``checkpoint`` left it: weights, optimizer, schedule, scaler, position and metrics."""
+    run.student.load_state_dict(checkpoint["model"])
+    run.method.load_state_dict(checkpoint["method"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    run.run_id, run.start_epoch, run.step = checkpoint["run_id"], checkpoint["epoch"], checkpoint["step"]
+    run.metrics = {"teacher_top1": None, **checkpoint["metrics"]}
+
+
+def _wrap_model(run: _Run, trainable: TrainableModules) -> None:
+    if run.dist.is_distributed:
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        run.model = DistributedDataParallel(trainable, device_ids=device_ids)
+    if run.cfg.train.compile:
+        run.model, run.eval_model = torch.compile(run.model), torch.compile(run.student)
+
+
+def _open_logs(run: _Run, *, resumed: bool, safe_changes: dict[str, tuple]) -> None:
+    """Write config.yaml, drop metrics a resume will log again, open the writers, print the header."""
+    cfg, output_dir = run.cfg, run.output_dir
+    if run.dist.is_main:
+        write_text(output_dir / CONFIG, dump_config(cfg))
+        trim_metrics(output_dir / METRICS, run.step, run.start_epoch)
+        if resumed and run.start_epoch < cfg.train.epochs:
+            (output_dir / FINAL).unlink(missing_ok=True)  # the run goes on: that result no longer describes it
+    run.writer = MetricsWriter(
+        output_dir, enabled=run.dist.is_main, tensorboard=cfg.train.tensorboard, purge_step=run.step + 1
+    )
+    _print_header(run, resumed)
+    if safe_changes:
+        for key, (old, new) in safe_changes.items():
+            run.say(f"unikd: resume: {key} {old!r} -> {new!r}")
+        changed = {key: [old, new] for key, (old, new) in safe_changes.items()}
+        run.writer.write({"split": "resume", "step": run.step, "epoch": run.start_epoch, "changed": changed})
+
+
+def _print_header(run: _Run, resumed: bool) -> None:
+    cfg, bundle = run.cfg, run.bundle
+    count = sum(p.numel() for p in run.student.parameters())
+    parameters = f"{count / 1e6:.2f}M" if count >= 100_000 else f"{count:,}"
+    image = f"{bundle.in_chans}x{bundle.img_size}x{bundle.img_size}"
+    run.say(
+        f"unikd train: {cfg.model.student} ({parameters} parameters), method {cfg.method.name}, "
+        f"device {run.device}{f' x {run.dist.world_size} processes' if run.dist.is_distributed else ''}"
+    )
+    run.say(f"  data: {cfg.data.name}, {len(bundle.train)} training / {len(bundle.val)} validation images, "
+            f"{bundle.num_classes} classes, {image}")  # fmt: skip
+    if run.teacher is not None:
+        run.say(f"  teacher: {cfg.model.teacher} from {cfg.model.teacher_checkpoint or 'pretrained weights'}, "
+                f"validation top-1 {run.metrics['teacher_top1']:.2f}")  # fmt: skip
+    where = f"resumed at epoch {run.start_epoch}, step {run.step}" if resumed else "new run"
+    run.say(f"  {cfg.train.epochs} epochs x {run.steps_per_epoch} steps of {cfg.train.batch_size} images; "
+            f"output_dir {run.output_dir} ({where})")  # fmt: skip
+
+
+# ---- phase 2: one epoch, one step --------------------------------------------------------------------------------
+
+
+def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> _EpochStats:
+    """Train epoch ``epoch`` from where the run stands (mid-epoch after a resume), logging every ``log_every`` steps.
+
+    Stops the run after the current step on SIGINT/SIGTERM, and before a batch with an unreadable image, saving a
+    resumable ``last.pt`` either way.
+    """
+    cfg, steps_per_epoch = run.cfg, run.steps_per_epoch
+    batches_done = run.step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+    run.train_sampler.set_epoch(epoch)
+    run.train_sampler.start = batches_done * (cfg.train.batch_size // run.dist.world_size)
+    time_before = run.metrics["epoch_train_time_s"] if batches_done else 0.0
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    run.model.train()
+    bar = progress_bar(steps_per_epoch, batches_done, f"epoch {epoch}", cfg.train.progress and run.dist.is_main)
+    window: dict[str, torch.Tensor] = {}
+    window_steps, window_start, epoch_start = 0, time.perf_counter(), time.perf_counter()
+    loss_sum, steps = torch.zeros((), device=run.device), 0
+    batches = iter(run.train_loader)
+    for batch_index in range(batches_done, steps_per_epoch):
+        try:
+            images, target = next(batches)
+        except DataError as error:
             bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            epoch_train_time += time.perf_counter() - epoch_start
-            run_metrics["epoch_train_time_s"] = 0.0
+            if run.dist.is_distributed:  # torchrun stops the other ranks
+                raise
+            _save_mid_epoch(run, epoch, time_before + time.perf_counter() - epoch_start)
+            raise DataError(
+                f"{error}; saved {run.output_dir / LAST}, continue with --resume once it is fixed"
+            ) from None
+        terms, lr, stop_requested = _train_step(run, images, target, epoch + batch_index / steps_per_epoch, stop)
+        bar.update(1)
+        for name, value in terms.items():
+            window[name] = window.get(name, 0.0) + value.detach().float()
+        loss_sum += sum(terms.values()).detach().float()
+        window_steps, steps = window_steps + 1, steps + 1
+        if run.step % cfg.train.log_every == 0 or batch_index == steps_per_epoch - 1:
+            elapsed = time.perf_counter() - window_start
+            _log_train_window(run, epoch, lr, window, window_steps, elapsed, bar)
+            window, window_steps, window_start = {}, 0, time.perf_counter()
+        if stop_requested:
+            bar.close()
+            _save_mid_epoch(run, epoch, time_before + time.perf_counter() - epoch_start)
+            _raise_for_signal(stop.signum, run.output_dir / LAST, run.dist.is_main)
+    bar.close()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return _EpochStats(time_before + time.perf_counter() - epoch_start, loss_sum, steps)
 
-            # ---- evaluation and checkpoints ------------------------------------------------------------------------
-            is_best = False
-            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                val = evaluate(eval_model, val_loader, device, amp_dtype=amp_dtype, memory_format=memory_format)
-                record = {
-                    "split": "val",
-                    "step": step,
-                    "epoch": epoch,
-                    "top1": val["top1"],
-                    "top5": val["top5"],
-                    "val_loss": val["loss"],
-                    "epoch_time_s": epoch_train_time,
-                    "peak_mem_mb": peak_memory_mb(device),
-                }
-                metrics_writer.write(record)
-                run_metrics["history"].append({k: v for k, v in record.items() if k != "split"})
-                is_best = run_metrics["best_top1"] is None or val["top1"] > run_metrics["best_top1"]
-                if is_best:
-                    run_metrics["best_top1"], run_metrics["best_epoch"] = val["top1"], epoch
-            if dist_info.is_main:
-                epoch_checkpoint = make_checkpoint(epoch + 1)
-                save_checkpoint(epoch_checkpoint, last_path)
-                if is_best:
-                    save_checkpoint(epoch_checkpoint, best_path)
 
-    # ---- done ----------------------------------------------------------------------------------------------------
-    history = run_metrics["history"]
+def _train_step(
+    run: _Run, images: torch.Tensor, target: torch.Tensor, progress: float, stop: _StopRequest
+) -> tuple[dict[str, torch.Tensor], float, bool]:
+    """One optimizer step; returns the loss terms, the learning rate it used, and whether to stop after it.
+
+    One check per step, agreed by all ranks, before the backward pass: a non-finite loss stops the run (the last
+    checkpoint stays as it was); a stop request stops it after this step.
+    """
+    images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
+    target = target.to(run.device, non_blocking=True)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        teacher_logits = None
+        if run.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = run.teacher(images).float()
+        terms = run.model(images, target, teacher_logits, progress)
+    loss = sum(terms.values())
+    stop_requested = stop.signum is not None
+    if run.cfg.train.nan_check or run.dist.is_distributed:
+        flags = torch.stack([~torch.isfinite(loss.detach()), torch.tensor(stop_requested, device=run.device)])
+        flags = all_reduce(flags.float(), op="max").tolist()
+        if run.cfg.train.nan_check and flags[0]:
+            raise UnikdError(_non_finite_loss_message(terms, run.step + 1, int(progress), run.output_dir / LAST))
+        stop_requested = bool(flags[1])
+    lr = run.optimizer.param_groups[0]["lr"]
+    optimizer_step(loss, run.optimizer, run.scaler, run.trainable_params, run.cfg.optim.clip_grad_norm)
+    run.scheduler.step()
+    run.step += 1
+    return terms, lr, stop_requested
+
+
+def _log_train_window(
+    run: _Run, epoch: int, lr: float, window: dict[str, torch.Tensor], steps: int, seconds: float, bar
+) -> None:
+    """One train record: each term averaged over the window's steps and over the ranks."""
+    names = [*window, "loss"]
+    means = (all_reduce(torch.stack([*window.values(), sum(window.values())])) / (run.dist.world_size * steps)).tolist()
+    images_per_s = steps * run.cfg.train.batch_size / seconds
+    record = {"split": "train", "step": run.step, "epoch": epoch, "lr": lr, **dict(zip(names, means))}
+    record["images_per_s"] = images_per_s
+    run.writer.write(record)
+    bar.set_postfix({**dict(zip(names, means)), "lr": lr, "img/s": images_per_s}, refresh=False)
+
+
+def _save_mid_epoch(run: _Run, epoch: int, train_time_s: float) -> None:
+    run.metrics["epoch_train_time_s"] = train_time_s
+    _check_finite_state(run, f"when stopping in epoch {epoch}")
+    if run.dist.is_main:
+        write_checkpoints(run.output_dir, _checkpoint(run, epoch, mid_epoch=True), is_best=False)
+
+
+# ---- phase 3: end of epoch: evaluate and checkpoint --------------------------------------------------------------
+
+
+def _end_epoch(run: _Run, epoch: int, stats: _EpochStats) -> None:
+    """Check the model state, evaluate when due, print the epoch's line, then write its checkpoints.
+
+    The checkpoint files are written by ``unikd._rundir.write_checkpoints`` only, in the order described there.
+    """
+    cfg = run.cfg
+    _check_finite_state(run, f"at the end of epoch {epoch}")
+    run.metrics["epoch_train_time_s"] = 0.0
+    mean_loss = all_reduce(torch.stack([stats.loss_sum, torch.tensor(float(stats.steps), device=run.device)]))
+    mean_loss = (mean_loss[0] / mean_loss[1].clamp_min(1)).item()
+    line = f"epoch {epoch:>3}  train loss {mean_loss:.4f}"
+    is_best = False
+    if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        val = evaluate(run.eval_model, run.val_loader, run.device, amp_dtype=run.amp_dtype,
+                       memory_format=run.memory_format)  # fmt: skip
+        record = {
+            "split": "val",
+            "step": run.step,
+            "epoch": epoch,
+            "top1": val["top1"],
+            "top5": val["top5"],
+            "val_loss": val["loss"],
+            "epoch_time_s": stats.train_time_s,
+            "peak_mem_mb": peak_memory_mb(run.device),
+        }
+        run.writer.write(record)
+        run.metrics["history"].append({key: value for key, value in record.items() if key != "split"})
+        is_best = run.metrics["best_top1"] is None or val["top1"] > run.metrics["best_top1"]
+        if is_best:
+            run.metrics["best_top1"], run.metrics["best_epoch"] = val["top1"], epoch
+        line += f"  val top-1 {val['top1']:6.2f}  top-5 {val['top5']:6.2f}  loss {val['loss']:.4f}"
+    best = run.metrics["best_top1"]
+    best_text = f"  best {best:.2f} (epoch {run.metrics['best_epoch']})" if best is not None else ""
+    run.say(f"{line}  {stats.train_time_s:.1f} s{best_text}")
+    if run.dist.is_main:
+        write_checkpoints(run.output_dir, _checkpoint(run, epoch + 1, mid_epoch=False), is_best=is_best)
+
+
+def _checkpoint(run: _Run, epoch: int, *, mid_epoch: bool) -> dict:
+    """The checkpoint dict (format: unikd._checkpoint) of the run as it stands, ``epoch`` being the one in progress."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "run_id": run.run_id,
+        "model_name": run.cfg.model.student,
+        "num_classes": run.bundle.num_classes,
+        "in_chans": run.bundle.in_chans,
+        "model": run.student.state_dict(),
+        "method": run.method.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "step": run.step,
+        "mid_epoch": mid_epoch,
+        "rng": capture_rng_state(),
+        "config": config_to_dict(run.cfg),
+        "metrics": run.metrics,
+        "data": {"train_images": len(run.bundle.train), "val_images": len(run.bundle.val)},
+    }
+
+
+def _check_finite_state(run: _Run, when: str) -> None:
+    """Stop the run, before any checkpoint is written, when a parameter, buffer or optimizer slot is not finite.
+
+    A loss can stay finite for a while after BatchNorm's running variance has overflowed; without this check the
+    broken model would be saved as the last good one, and a resume would "succeed" with it.
+    """
+    bad = non_finite_state({"student": run.student, "method": run.method}, run.optimizer)
+    flag = torch.tensor(float(bool(bad)), device=run.device)
+    if run.dist.is_distributed:
+        all_reduce(flag, op="max")
+    if not flag.item():
+        return
+    names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else "on another rank"
+    last = run.output_dir / LAST
+    kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
+    raise UnikdError(
+        f"non-finite model state {when} (step {run.step}): {names}; not saved, {kept}. Lower optim.lr, set "
+        "optim.clip_grad_norm, or check the data for huge values"
+    )
+
+
+# ---- phase 4: done -----------------------------------------------------------------------------------------------
+
+
+def _finish(run: _Run) -> dict:
+    history = run.metrics["history"]
     result = {
-        "best_top1": run_metrics["best_top1"],
-        "best_epoch": run_metrics["best_epoch"],
+        "best_top1": run.metrics["best_top1"],
+        "best_epoch": run.metrics["best_epoch"],
         "last_top1": history[-1]["top1"] if history else None,
         "last_top5": history[-1]["top5"] if history else None,
+        "teacher_top1": run.metrics["teacher_top1"],
         "history": history,
+        "device": run.device.type,
+        "run_id": run.run_id,
     }
-    if dist_info.is_main:
-        (output_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+    if run.dist.is_main:
+        write_json(run.output_dir / FINAL, result)
     return result
+
+
+# ---- public helpers ----------------------------------------------------------------------------------------------
 
 
 def optimizer_step(
@@ -396,30 +700,55 @@ def evaluate(
     return {"top1": 100.0 * top1_hits / count, "top5": 100.0 * top5_hits / count, "loss": loss_sum / count}
 
 
-def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] = ()) -> dict[str, float]:
-    """Rebuild the student saved in the training checkpoint ``path`` and score it on its validation set.
-
-    ``overrides`` are ``key=value`` config overrides applied to the checkpoint's config (e.g. ``data.root=...``,
-    ``train.device=cpu``). Returns ``{"top1", "top5", "loss"}`` (percent, percent, mean cross-entropy).
-    """
-    checkpoint = load_checkpoint(path)
-    cfg = config_from_dict(checkpoint["config"], overrides, check_files=False)
-    device = resolve_device(cfg.train.device)
-    bundle = build_datasets(cfg.data)
+def student_from_checkpoint(checkpoint: dict, cfg: Config, bundle: DataBundle, source: str | os.PathLike) -> nn.Module:
+    """Rebuild the student of the training checkpoint ``checkpoint`` (read from ``source``) for ``bundle``'s data."""
     if bundle.num_classes != checkpoint["num_classes"]:
         raise UnikdError(
-            f"{path}: the checkpoint's student predicts {checkpoint['num_classes']} classes but data.name="
+            f"{source}: the checkpoint's student predicts {checkpoint['num_classes']} classes but data.name="
             f"{cfg.data.name} has {bundle.num_classes}; pass the dataset it was trained on"
         )
-    student = create_model(
-        checkpoint["model_name"], checkpoint["num_classes"], in_chans=bundle.in_chans, **cfg.model.student_kwargs
-    )
-    student.load_state_dict(checkpoint["model"])
+    in_chans = checkpoint.get("in_chans", bundle.in_chans)
+    if in_chans != bundle.in_chans:
+        raise UnikdError(
+            f"{source}: the student takes {in_chans}-channel images but the data gives {bundle.in_chans}; set "
+            f"data.channels={in_chans}"
+        )
+    student = create_model(checkpoint["model_name"], checkpoint["num_classes"], in_chans=in_chans,
+                           **cfg.model.student_kwargs)  # fmt: skip
+    load_student_weights(student, checkpoint, source)
+    return student
+
+
+def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    """Rebuild the student saved in the training checkpoint ``path`` and score it on the whole validation set.
+
+    The checkpoint's stored config only says what the student is and which dataset it was trained on
+    (``config.config_for_checkpoint``); ``overrides`` (``key=value``) set anything else, e.g. ``data.root=DIR``,
+    ``data.val_subset=1000``, ``train.device=cpu``. Nothing is downloaded unless ``data.download=true`` is passed.
+    Returns ``{"top1", "top5", "loss", "split", "images", "dataset", "model_name"}``.
+    """
+    checkpoint = load_checkpoint(path)
+    cfg = config_for_checkpoint(checkpoint["config"], overrides)
+    device = resolve_device(cfg.train.device)
+    bundle = build_datasets(cfg.data)
+    student = student_from_checkpoint(checkpoint, cfg, bundle, path)
     loader = _eval_loader(cfg, bundle.val, DistInfo(), device)
-    return evaluate(student.to(device), loader, device, amp_dtype=AMP_DTYPES[cfg.train.amp])
+    scores = evaluate(student.to(device), loader, device, amp_dtype=AMP_DTYPES[cfg.train.amp])
+    details = {"split": "val", "images": len(bundle.val), "dataset": cfg.data.name}
+    return {**scores, **details, "model_name": checkpoint["model_name"]}
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _raise_on_any_rank(error: UnikdError | None, dist_info: DistInfo, device: torch.device) -> None:
+    """Raise ``error`` here, and a short error on every other rank, when any rank has one (a collective: all call)."""
+    if dist_info.is_distributed:
+        failed = all_reduce(torch.tensor(float(error is not None), device=device), op="max").item()
+        if failed and error is None:
+            raise UnikdError("another process of this job failed while setting up; see rank 0's message")
+    if error is not None:
+        raise error
 
 
 class _EpochSampler(DistributedSampler):
@@ -552,7 +881,7 @@ def _raise_for_signal(signum: int, last_path: Path, is_main: bool) -> None:
     raise KeyboardInterrupt(f"interrupted: saved {last_path}; continue with --resume")
 
 
-def _non_finite_message(terms: dict[str, torch.Tensor], step: int, epoch: int, last_path: Path) -> str:
+def _non_finite_loss_message(terms: dict[str, torch.Tensor], step: int, epoch: int, last_path: Path) -> str:
     bad = [f"{name}={value.item()}" for name, value in terms.items() if not math.isfinite(value.item())]
     culprit = ", ".join(bad) if bad else "on another process"
     last = f"last good checkpoint: {last_path}" if last_path.is_file() else "no checkpoint was written yet"
