@@ -7,7 +7,8 @@ import json
 import pytest
 
 import unikd.train
-from unikd.bench import PROFILES, markdown_table, run_bench, summarize
+from unikd import UnikdError
+from unikd.bench import PROFILES, bar_chart, machine_note, markdown_table, run_bench, run_training, summarize
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +43,8 @@ def test_bench_runs_pairs_caches_teacher_and_resumes(tmp_path, fashion_mnist_roo
     nkd_config = (out / "runs" / "nkd-s0" / "config.yaml").read_text()
     assert str(out / "teacher" / "best.pt") in nkd_config
 
-    # A killed bench: one run lost its final.json mid-way (its last.pt stays); the rerun resumes only that run, with
-    # one more epoch, and reuses the teacher and every finished run.
+    # A killed bench: one run lost its final.json (its last.pt stays); the rerun with the same settings trains only
+    # that run, resumed, and reuses the teacher and every finished run.
     (out / "runs" / "uskd-s1" / "final.json").unlink()
     calls = []
     real_train = unikd.train.train
@@ -53,28 +54,39 @@ def test_bench_runs_pairs_caches_teacher_and_resumes(tmp_path, fashion_mnist_roo
         return real_train(cfg, resume=resume)
 
     monkeypatch.setattr(unikd.train, "train", recording_train)
-    rerun = run_bench(
-        "fmnist-cpu", out, methods=["uskd", "nkd"], seeds=[0, 1], overrides=[*overrides, "train.epochs=2"], log=print
-    )
+    rerun = run_bench("fmnist-cpu", out, methods=["uskd", "nkd"], seeds=[0, 1], overrides=overrides, log=print)
     assert calls == [(str(out / "runs" / "uskd-s1"), True)]
     resumed = next(r for r in rerun["runs"] if (r["method"], r["seed"]) == ("uskd", 1))
-    assert [entry["epoch"] for entry in resumed["history"]] == [0, 1]
+    assert resumed["history"] == next(r for r in results["runs"] if (r["method"], r["seed"]) == ("uskd", 1))["history"]
+
+    # A finished run asked for more epochs continues to them instead of reporting its old result; a finished run asked
+    # for another config is refused, naming the key.
+    run_dir, run_overrides = (
+        out / "runs" / "baseline-s0",
+        [*PROFILES["fmnist-cpu"].overrides, "train.seed=0", *overrides],
+    )
+    longer = run_training("configs/fmnist_baseline.yaml", [*run_overrides, "train.epochs=2"], run_dir)
+    assert calls[-1] == (str(run_dir), True) and [entry["epoch"] for entry in longer["history"]] == [0, 1]
+    with pytest.raises(UnikdError, match=r"^--resume: the config differs .*: optim\.lr 0\.1 -> 0\.2\. Only output_dir"):
+        run_training("configs/fmnist_baseline.yaml", [*run_overrides, "train.epochs=2", "optim.lr=0.2"], run_dir)
+
+
+def _run(method, seed, last, epoch_time, device="cuda"):
+    history = [{"epoch": 0, "top1": last, "epoch_time_s": epoch_time, "peak_mem_mb": 100.0}]
+    return {
+        "method": method,
+        "seed": seed,
+        "last_top1": last,
+        "best_top1": last,
+        "best_epoch": 0,
+        "history": history,
+        "device": device,
+    }
 
 
 def test_summary_pairs_seeds_and_reports_spread():
-    def run(method, seed, last, epoch_time):
-        history = [{"epoch": 0, "top1": last, "epoch_time_s": epoch_time, "peak_mem_mb": 100.0}]
-        return {
-            "method": method,
-            "seed": seed,
-            "last_top1": last,
-            "best_top1": last,
-            "best_epoch": 0,
-            "history": history,
-        }
-
-    runs = [run("baseline", 0, 80.0, 10.0), run("baseline", 1, 82.0, 10.0), run("uskd", 0, 80.5, 11.0)]
-    runs.append(run("uskd", 1, 82.1, 11.0))
+    runs = [_run("baseline", 0, 80.0, 10.0), _run("baseline", 1, 82.0, 10.0), _run("uskd", 0, 80.5, 11.0)]
+    runs.append(_run("uskd", 1, 82.1, 11.0))
     rows = summarize(runs, ["baseline", "uskd"])
     uskd = rows[1]
     assert uskd["deltas"] == pytest.approx([0.5, 0.1])
@@ -84,6 +96,36 @@ def test_summary_pairs_seeds_and_reports_spread():
     assert uskd["time_ratio"] == pytest.approx(1.1)
     table = markdown_table(rows, "toy", [0, 1])
     assert "| uskd | 81.30 +- 1.13 | 81.30 +- 1.13 | +0.30 +- 0.28 | 0, 0 | 11.0 | 1.10 | 100 |" in table
+    assert "| method | last top-1 |" in table and "| peak CUDA mem MB |" in table
+
+
+def test_cpu_peak_memory_is_not_shown_and_a_busy_machine_is_said_so():
+    # On the CPU the only peak is the process's RSS, which spans every earlier run of the same process.
+    rows = summarize([_run("baseline", 0, 80.0, 10.0, device="cpu")], ["baseline"])
+    assert rows[0]["peak_mem_mb"] is None
+    busy = machine_note([1.5, 3.2], cores=2)
+    assert busy == (
+        "Measured on a busy machine (load average 1.5-3.2 on 2 cores): epoch times and time ratios are wall-clock "
+        "under contention, not a speed measurement."
+    )
+    table = markdown_table(rows, "toy", [0], busy)
+    assert table.splitlines()[0].endswith(busy) and "mem" not in table
+    assert table.splitlines()[-1] == "| baseline | 80.00 +- 0.00 | 80.00 +- 0.00 | +0.00 +- 0.00 | 0 | 10.0 | 1.00 |"
+    assert machine_note([0.4], cores=2) == "Epoch times are wall-clock (load average 0.4 on 2 cores)."
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_bars_start_at_zero_and_show_error_bars_only_over_several_seeds(seeds):
+    import matplotlib.pyplot as plt
+
+    runs = [_run(m, s, 85.0 + s + (m == "uskd"), 10.0) for m in ("baseline", "uskd") for s in range(seeds)]
+    figure = bar_chart(summarize(runs, ["baseline", "uskd"]))
+    axis = figure.axes[0]
+    assert axis.get_ylim()[0] == 0
+    error_bars = [c for c in axis.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(error_bars) == (1 if seeds > 1 else 0)
+    assert ("no spread shown" in axis.get_ylabel()) == (seeds == 1)
+    plt.close(figure)
 
 
 def test_profiles_point_at_existing_configs():

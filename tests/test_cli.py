@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from unikd import cli
 from unikd.methods import METHODS
-from unikd.models import load_state_dict_file
+from unikd.models import load_state_dict_file, load_teacher
 
 REPO = Path(__file__).parents[1]
 COMMANDS = ["train", "eval", "export", "config", "softlabels", "bench"]
@@ -147,12 +148,16 @@ def test_eval_passes_overrides_and_data(monkeypatch, capsys):
 
     def fake_evaluate(path, overrides):
         calls.append((path, overrides))
-        return {"top1": 90.5, "top5": 99.75, "loss": 0.31234}
+        details = {"split": "val", "images": 10000, "dataset": "mnist", "model_name": "cifar/smallcnn"}
+        return {"top1": 90.5, "top5": 99.75, "loss": 0.31234, **details}
 
     monkeypatch.setattr("unikd.train.evaluate_checkpoint", fake_evaluate)
     status, out, _ = _main(capsys, "eval", "run/best.pt", "data.name=mnist", "--data", "/data/mnist")
     assert status == 0 and calls == [("run/best.pt", ["data.name=mnist", "data.root=/data/mnist"])]
-    assert out == "top-1 90.50  top-5 99.75  loss 0.3123\n"
+    assert out == (
+        "unikd eval: cifar/smallcnn from run/best.pt, val split of mnist (10000 images)\n"
+        "top-1 90.50  top-5 99.75  loss 0.3123\n"
+    )
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------
@@ -175,7 +180,11 @@ def _train(capsys, tmp_path: Path, name: str, *overrides: str) -> Path:
     capsys.readouterr()  # drop what fixtures printed
     status, out, err = _main(capsys, "train", os.devnull, *TINY, f"output_dir={output_dir}", *overrides)
     assert status == 0, err
-    assert out.startswith(f"unikd train: finished, outputs in {output_dir}\n")
+    lines = out.splitlines()
+    assert lines[0].startswith("unikd train: cifar/smallcnn (") and lines[1].startswith("  data: ")
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3 and all(" val top-1 " in line and " train loss " in line for line in epoch_lines)
+    assert f"unikd train: finished, outputs in {output_dir}" in lines
     return output_dir
 
 
@@ -255,7 +264,9 @@ def test_export_then_eval_gives_the_same_accuracy(suffix, fashion_mnist_root, tm
     output_dir = _train(capsys, tmp_path, "uskd", f"data.root={fashion_mnist_root}", "method.name=uskd")
     checkpoint_path = output_dir / "best.pt"
     status, eval_out, _ = _main(capsys, "eval", str(checkpoint_path))
-    assert status == 0 and eval_out.startswith("top-1 ")
+    header, scores = eval_out.splitlines()
+    assert status == 0 and scores.startswith("top-1 ")
+    assert header == f"unikd eval: cifar/smallcnn from {checkpoint_path}, val split of fashion_mnist (100 images)"
 
     exported = tmp_path / f"student{suffix}"
     status, out, _ = _main(capsys, "export", str(checkpoint_path), str(exported))
@@ -264,10 +275,21 @@ def test_export_then_eval_gives_the_same_accuracy(suffix, fashion_mnist_root, tm
     weights = load_state_dict_file(exported)
     assert weights.keys() == checkpoint["model"].keys()  # the student only: USKD's weak head is not exported
     assert all(torch.equal(weights[key], value) for key, value in checkpoint["model"].items())
+    assert exported.stat().st_mode & 0o044 == 0o044  # readable by others, like any file the user writes
+    if suffix == ".safetensors":  # what the student is travels with the weights
+        with safe_open(exported, framework="pt") as file:
+            metadata = file.metadata()
+        assert {key: metadata.get(key) for key in ("model_name", "num_classes", "in_chans")} == {
+            "model_name": "cifar/smallcnn",
+            "num_classes": "10",
+            "in_chans": "1",
+        }
+        teacher = load_teacher("cifar/smallcnn", 10, exported)  # in_chans=1 read from the file, not passed
+        assert all(torch.equal(teacher.state_dict()[key], value) for key, value in weights.items())
 
     # The exported weights, put back into a checkpoint, score exactly what the original did.
     torch.save({**checkpoint, "model": weights}, tmp_path / "reloaded.pt")
-    assert _main(capsys, "eval", str(tmp_path / "reloaded.pt"))[1] == eval_out
+    assert _main(capsys, "eval", str(tmp_path / "reloaded.pt"))[1].splitlines()[1] == scores
 
 
 @pytest.mark.slow

@@ -5,18 +5,24 @@
 
 A profile names a config per method (``configs/<prefix>_<method>.yaml``), the seeds, and overrides shared by every
 run (epochs, subset sizes). Teacher methods get the profile's teacher, trained once into ``OUT/teacher`` and reused.
-Each run lives in ``OUT/runs/<method>-s<seed>``: a finished run (``final.json``) is not redone, an interrupted one
-(``last.pt``) resumes, so a killed bench continues where it stopped. Seeds are paired: the same seed gives every
-method the same student initialisation and data order, so the per-seed difference to the baseline cancels most of
-the seed-to-seed noise; the table reports it next to the plain mean +- std.
+Each run lives in ``OUT/runs/<method>-s<seed>``: a finished run (``final.json``) with the same config is not redone,
+an interrupted one (``last.pt``) resumes, so a killed bench continues where it stopped; a finished run asked for
+more epochs continues to them, and one asked for a different config is refused (``unikd train --resume`` rules).
+Seeds are paired: the same seed gives every method the same student initialisation and data order, so the per-seed
+difference to the baseline cancels most of the seed-to-seed noise; the table reports it next to the plain mean +- std.
 
 Outputs: ``results.json`` (every run's history and the summary), ``results.md`` (the table), ``curves.png``
-(validation top-1 per epoch) and ``bars.png`` (final top-1 with error bars).
+(validation top-1 per epoch) and ``bars.png`` (final top-1 from 0, with +- std error bars when there are several
+seeds). Epoch times are wall-clock: the table gives the machine's load average during the runs and says when it was
+busy, when the time ratios are not a speed measurement. Peak memory is shown for CUDA runs only (CUDA's peak
+allocation, reset per epoch); on the CPU the only figure is the process's peak RSS, which covers every run the
+process made before, so it is not shown.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,20 +116,29 @@ def config_path(relative: str) -> Path:
 
 
 def run_training(config: str, overrides: list[str], output_dir: Path, method_section: dict | None = None) -> dict:
-    """Train one run unless it has finished (``final.json``); resume it if it was interrupted (``last.pt``)."""
+    """Train one run, unless ``output_dir`` holds it finished with the same config (then return its ``final.json``).
+
+    An interrupted run, or a finished one asked for more epochs, resumes; a different config is refused by the
+    trainer's resume check with the list of differing keys.
+    """
     import yaml
 
-    from unikd.config import config_from_dict
+    from unikd.config import config_changes, config_from_dict, config_to_dict, load_config
     from unikd.train import train
 
-    final = output_dir / "final.json"
-    if final.is_file():
-        return json.loads(final.read_text())
     raw = yaml.safe_load(config_path(config).read_text()) or {}
     if method_section is not None:
         raw["method"] = dict(method_section)
     cfg = config_from_dict(raw, [*overrides, f"output_dir={output_dir}"])
-    return train(cfg, resume=(output_dir / "last.pt").is_file())
+    final, stored = output_dir / "final.json", output_dir / "config.yaml"
+    if final.is_file() and stored.is_file():
+        same = not config_changes(config_to_dict(load_config(stored, check_files=False)), config_to_dict(cfg))
+        if same:
+            return json.loads(final.read_text())
+    started = (output_dir / "last.pt").is_file() or (output_dir / "best.pt").is_file()
+    result = train(cfg, resume=started)
+    result["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return result
 
 
 def run_bench(
@@ -172,12 +187,19 @@ def run_bench(
             runs.append({"method": method, "seed": seed, **result})
 
     summary = summarize(runs, methods)
-    results = {"profile": profile_name, "description": profile.description, "summary": summary, "runs": runs}
+    machine = machine_note([run.get("load_average") for run in runs])
+    results = {
+        "profile": profile_name,
+        "description": profile.description,
+        "machine": machine,
+        "summary": summary,
+        "runs": runs,
+    }
     if teacher_checkpoint is not None:
         results["teacher_top1"] = teacher["best_top1"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "results.md").write_text(markdown_table(summary, profile_name, seeds) + "\n")
+    (out_dir / "results.md").write_text(markdown_table(summary, profile_name, seeds, machine) + "\n")
     plot_results(runs, summary, out_dir)
     return results
 
@@ -209,6 +231,7 @@ def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
         best = [r["best_top1"] for r in method_runs]
         deltas = [r["last_top1"] - baseline_by_seed[r["seed"]]["last_top1"] for r in method_runs]
         epoch_time = statistics.fmean(e["epoch_time_s"] for r in method_runs for e in r["history"])
+        on_cuda = all(r.get("device") == "cuda" for r in method_runs)
         rows.append(
             {
                 "method": method,
@@ -220,20 +243,40 @@ def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
                 "deltas": deltas,
                 "epoch_time_s": epoch_time,
                 "time_ratio": epoch_time / baseline_time,
-                "peak_mem_mb": max(e.get("peak_mem_mb", 0.0) for r in method_runs for e in r["history"]),
+                # CUDA's peak is per epoch; the CPU's peak RSS spans every earlier run of the process: not shown.
+                "peak_mem_mb": (
+                    max(e.get("peak_mem_mb", 0.0) for r in method_runs for e in r["history"]) if on_cuda else None
+                ),
             }
         )
     return rows
 
 
-def markdown_table(summary: list[dict], profile_name: str, seeds: list[int]) -> str:
+def machine_note(load_averages: list[float | None], cores: int | None = None) -> str:
+    """One sentence on how busy the machine was while the runs were timed (their 1-minute load averages)."""
+    cores = cores or os.cpu_count() or 1
+    loads = [load for load in load_averages if load is not None]
+    if not loads:
+        return "Epoch times are wall-clock; the machine's load was not measured."
+    span = f"{min(loads):.1f}-{max(loads):.1f}" if len(loads) > 1 else f"{loads[0]:.1f}"
+    if max(loads) > cores:
+        return (
+            f"Measured on a busy machine (load average {span} on {cores} cores): epoch times and time ratios are "
+            "wall-clock under contention, not a speed measurement."
+        )
+    return f"Epoch times are wall-clock (load average {span} on {cores} cores)."
+
+
+def markdown_table(summary: list[dict], profile_name: str, seeds: list[int], machine: str = "") -> str:
+    with_memory = any(row["peak_mem_mb"] is not None for row in summary)
     lines = [
         f"Profile `{profile_name}`, seeds {seeds}. Top-1 in %, mean +- std over seeds; delta: per-seed difference to "
-        "the baseline of the same seed (paired), mean +- std. Best epoch per seed (0-based).",
+        "the baseline of the same seed (paired), mean +- std. Best epoch per seed (0-based). "
+        + (machine or machine_note([])),
         "",
-        "| method | last top-1 | best top-1 | delta to baseline (paired) | best epoch | epoch time s | time ratio | "
-        "peak mem MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | last top-1 | best top-1 | delta to baseline (paired) | best epoch | epoch time s | time ratio |"
+        + (" peak CUDA mem MB |" if with_memory else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if with_memory else ""),
     ]
     for row in summary:
         (last, last_std), (best, best_std), (delta, delta_std) = (
@@ -241,10 +284,11 @@ def markdown_table(summary: list[dict], profile_name: str, seeds: list[int]) -> 
             row["best_top1"],
             row["delta_to_baseline"],
         )
+        memory = f" {row['peak_mem_mb']:.0f} |" if row["peak_mem_mb"] is not None else " - |"
         lines.append(
             f"| {row['method']} | {last:.2f} +- {last_std:.2f} | {best:.2f} +- {best_std:.2f} | "
             f"{delta:+.2f} +- {delta_std:.2f} | {', '.join(map(str, row['best_epoch']))} | {row['epoch_time_s']:.1f} | "
-            f"{row['time_ratio']:.2f} | {row['peak_mem_mb']:.0f} |"
+            f"{row['time_ratio']:.2f} |" + (memory if with_memory else "")
         )
     return "\n".join(lines)
 
@@ -272,14 +316,27 @@ def plot_results(runs: list[dict], summary: list[dict], out_dir: Path) -> None:
     figure.savefig(out_dir / "curves.png", dpi=100)
     plt.close(figure)
 
+    figure = bar_chart(summary)
+    figure.savefig(out_dir / "bars.png", dpi=100)
+    plt.close(figure)
+
+
+def bar_chart(summary: list[dict]):
+    """The ``bars.png`` figure: last-epoch top-1 per method on an axis from 0 (a cut axis exaggerates differences),
+    with +- std error bars only when every method has several seeds (one seed has no spread to show)."""
+    import matplotlib.pyplot as plt
+
     figure, axis = plt.subplots(figsize=(7, 4))
     names = [row["method"] for row in summary]
     means = [row["last_top1"][0] for row in summary]
-    axis.bar(names, means, yerr=[row["last_top1"][1] for row in summary], capsize=4, color="tab:blue", alpha=0.8)
-    low = min(m - row["last_top1"][1] for m, row in zip(means, summary))
-    axis.set_ylim(low - 1.0, max(means) + 1.0)
-    axis.set_ylabel("last-epoch top-1 (%), mean +- std over seeds")
+    several = all(len(row["seeds"]) > 1 for row in summary)
+    errors = [row["last_top1"][1] for row in summary] if several else None
+    bars = axis.bar(names, means, yerr=errors, capsize=4 if several else 0, color="tab:blue", alpha=0.8)
+    axis.bar_label(bars, fmt="%.2f", fontsize=8)
+    axis.set_ylim(0, min(100.0, max(means) * 1.1 + 1.0))
+    seeds = len(summary[0]["seeds"]) if summary else 0
+    spread = "mean +- std over seeds" if several else f"{seeds} seed{'s' if seeds != 1 else ''}, no spread shown"
+    axis.set_ylabel(f"last-epoch top-1 (%), {spread}")
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(out_dir / "bars.png", dpi=100)
-    plt.close(figure)
+    return figure

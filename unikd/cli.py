@@ -9,7 +9,8 @@
 
 Each subcommand is one ``_<name>`` function taking the parsed arguments plus one ``add_parser`` block in
 ``build_parser``. Exit status: 0 on success; 2 with ``unikd: error: <message>`` on one line and no traceback for a
-user error (``UnikdError``, a missing file); 130 on Ctrl-C. Anything else is a bug and keeps its traceback.
+user error (``UnikdError``, a file that is missing or may not be read or written); 130 on Ctrl-C, 143 on SIGTERM.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     metrics = train(cfg, resume=args.resume)
     print(f"unikd train: finished, outputs in {cfg.output_dir}")
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            print(f"  {key:<12} {value:.4f}")
-        elif isinstance(value, int | str):  # lists such as the per-epoch history are in final.json
-            print(f"  {key:<12} {value}")
+    for key in ("best_top1", "best_epoch", "last_top1", "last_top5", "teacher_top1"):  # the rest: final.json
+        value = metrics.get(key)
+        if value is not None:
+            print(f"  {key:<12} {value:.4f}" if isinstance(value, float) else f"  {key:<12} {value}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -45,6 +45,10 @@ def _eval(args: argparse.Namespace) -> None:
 
     overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
     metrics = evaluate_checkpoint(args.checkpoint, overrides)
+    print(
+        f"unikd eval: {metrics['model_name']} from {args.checkpoint}, {metrics['split']} split of "
+        f"{metrics['dataset']} ({metrics['images']} images)"
+    )
     print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}")
 
 
@@ -55,7 +59,8 @@ def _export(args: argparse.Namespace) -> None:
     if not args.out.endswith(EXPORT_SUFFIXES):
         raise UnikdError(f"OUT: {args.out} must end with one of {', '.join(EXPORT_SUFFIXES)}")
     checkpoint = load_checkpoint(args.checkpoint)
-    export_state_dict(checkpoint["model"], args.out)
+    metadata = {key: checkpoint[key] for key in ("model_name", "num_classes", "in_chans") if key in checkpoint}
+    export_state_dict(checkpoint["model"], args.out, metadata=metadata)
     print(f"wrote {checkpoint['model_name']} ({len(checkpoint['model'])} tensors) to {args.out}")
 
 
@@ -66,13 +71,14 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _softlabels(args: argparse.Namespace) -> None:
-    from unikd.softlabels import soft_labels_from_checkpoint
+    from unikd.softlabels import explanation, soft_labels_from_checkpoint
 
     overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
     report = soft_labels_from_checkpoint(args.checkpoint, args.out, num_images=args.num_images, overrides=overrides)
     for entry in report:
         others = ", ".join(f"{item['name']} {item['value']:.3f}" for item in entry["non_target"])
         print(f"{entry['target_name']}: soft target {entry['target_value']:.3f}; top non-targets: {others}")
+    print(explanation(report[0]["num_classes"]))
     print(f"wrote {args.out}/soft_labels.json and {args.out}/soft_labels.png")
 
 
@@ -163,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error))
     except FileNotFoundError as error:  # a path the user gave that is not there
         return _fail(f"file not found: {error.filename}" if error.filename else str(error))
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as error:  # a path the user gave, unusable
+        return _fail(f"{error.strerror}: {error.filename}" if error.filename else str(error))
     except KeyboardInterrupt:
         print("unikd: interrupted", file=sys.stderr)
         return 130

@@ -5,8 +5,11 @@
     report = soft_label_report(student, method, images, targets, class_names)
     save_soft_label_report(report, images, "out/")   # out/soft_labels.json, out/soft_labels.png
 
-The soft target value uses the batch mean of S_t^2 (Eq. 7, as the released code), so it depends on the batch: the
-report is computed on the whole batch given, in eval mode.
+The soft target value is ``S_t^2 + 1 - mean(S_t^2)`` over the batch (Eq. 6, as the released code), so it depends on
+the batch (the report is computed on the whole batch given, in eval mode) and exceeds 1 for an image the student is
+surer of than of the batch on average. The non-target values follow Zipf's law: the class ranked r gets
+``(1 / r) / H``, renormalised over the C - 1 non-target classes, so every image has the same values and only which
+class holds which rank differs (``zipf_values``, ``EXPLANATION``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,24 @@ from torch import nn
 
 from unikd.losses import uskd_soft_labels
 from unikd.models import forward_with_feature
+
+EXPLANATION = (
+    "soft target = S_t^2 + 1 - batch mean of S_t^2 (Eq. 6): above 1 when the student is surer of this image than of "
+    "the batch on average. Non-targets follow Zipf's law, 1/rank renormalised over the {others} other classes "
+    "({values} for ranks 1-{shown}): the same values for every image; only which class gets which rank differs."
+)
+
+
+def zipf_values(num_classes: int) -> list[float]:
+    """The Zipf distribution USKD gives the C - 1 non-target classes, by rank (rank 1 first): ``(1 / r) / H_{C-1}``."""
+    harmonic = sum(1.0 / rank for rank in range(1, num_classes))
+    return [1.0 / rank / harmonic for rank in range(1, num_classes)]
+
+
+def explanation(num_classes: int, shown: int = 3) -> str:
+    """``EXPLANATION`` filled in for ``num_classes`` classes and the first ``shown`` ranks."""
+    values = ", ".join(f"{value:.3f}" for value in zipf_values(num_classes)[:shown])
+    return EXPLANATION.format(others=num_classes - 1, values=values, shown=shown)
 
 
 def soft_label_report(
@@ -45,8 +66,8 @@ def soft_label_report(
         top_k: how many non-target classes to list.
 
     Returns:
-        One dict per image: ``index``, ``target``, ``target_name``, ``target_value`` (Eq. 7), ``prediction``,
-        ``prediction_name``, ``student_target_prob`` (S_t), and ``non_target``: a list of ``top_k``
+        One dict per image: ``index``, ``num_classes``, ``target``, ``target_name``, ``target_value`` (Eq. 6),
+        ``prediction``, ``prediction_name``, ``student_target_prob`` (S_t), and ``non_target``: a list of ``top_k``
         ``{"class", "name", "value"}`` sorted by value, from the Zipf distribution over the non-target classes
         (Eq. 9-10; it sums to 1 over them).
     """
@@ -79,6 +100,7 @@ def soft_label_report(
         report.append(
             {
                 "index": i,
+                "num_classes": num_classes,
                 "target": target,
                 "target_name": class_names[target],
                 "target_value": float(soft.target_values[i, 0]),
@@ -94,9 +116,12 @@ def soft_label_report(
     return report
 
 
-def save_soft_label_report(report: list[dict[str, Any]], images: torch.Tensor, out_dir: str | Path) -> list[Path]:
+def save_soft_label_report(
+    report: list[dict[str, Any]], images: torch.Tensor, out_dir: str | Path, num_classes: int | None = None
+) -> list[Path]:
     """Write ``soft_labels.json`` and ``soft_labels.png`` (one row per image: the image, then a bar chart of its
-    target value and top non-target values) into ``out_dir``; return the two paths.
+    target value and top non-target values, with a note on how to read them when ``num_classes`` is given) into
+    ``out_dir``; return the two paths.
 
     ``images``: (N, C, H, W) as given to :func:`soft_label_report`; each is min-max rescaled for display, so any
     normalisation is fine.
@@ -111,7 +136,8 @@ def save_soft_label_report(report: list[dict[str, Any]], images: torch.Tensor, o
     json_path, png_path = out_dir / "soft_labels.json", out_dir / "soft_labels.png"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
 
-    figure, axes = plt.subplots(len(report), 2, figsize=(7, 2.2 * len(report)), squeeze=False)
+    note_lines = 3 if num_classes else 0
+    figure, axes = plt.subplots(len(report), 2, figsize=(7, 2.2 * len(report) + 0.25 * note_lines), squeeze=False)
     for (image_axis, bar_axis), entry in zip(axes, report):
         image = images[entry["index"]].detach().float().cpu()
         image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
@@ -129,7 +155,11 @@ def save_soft_label_report(report: list[dict[str, Any]], images: torch.Tensor, o
         bar_axis.set_xlim(0, max(1.0, max(values)) * 1.25)
         bar_axis.tick_params(labelsize=8)
     axes[0, 1].set_title("USKD soft target value / non-target distribution", fontsize=9)
-    figure.tight_layout()
+    if num_classes:
+        import textwrap
+
+        figure.text(0.01, 0.005, textwrap.fill(explanation(num_classes), 120), fontsize=7, va="bottom")
+    figure.tight_layout(rect=(0, 0.22 * note_lines / figure.get_figheight(), 1, 1))
     figure.savefig(png_path, dpi=100)
     plt.close(figure)
     return [json_path, png_path]
@@ -153,20 +183,21 @@ def soft_labels_from_checkpoint(
     """
     from unikd._checkpoint import load_checkpoint
     from unikd._errors import UnikdError
-    from unikd.config import config_from_dict
+    from unikd.config import config_for_checkpoint
     from unikd.data import build_datasets
     from unikd.methods import create_method
-    from unikd.models import create_model, feature_dim
+    from unikd.models import feature_dim
+    from unikd.train import student_from_checkpoint
 
-    state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"], overrides, check_files=False)
+    if num_images < 1:
+        raise UnikdError(f"--num-images: must be at least 1, got {num_images}")
+    state = load_checkpoint(checkpoint, required=("model_name", "num_classes", "model", "config", "method"))
+    cfg = config_for_checkpoint(state["config"], overrides)
     if cfg.method.name != "uskd":
-        raise UnikdError(f"{checkpoint}: soft labels need a USKD run, this one was trained with {cfg.method.name!r}")
+        stored = state["config"].get("method", {}).get("name") if isinstance(state["config"], dict) else None
+        raise UnikdError(f"{checkpoint}: soft labels need a USKD run, this one was trained with {stored!r}")
     bundle = build_datasets(cfg.data)
-    student = create_model(
-        state["model_name"], state["num_classes"], in_chans=bundle.in_chans, **cfg.model.student_kwargs
-    )
-    student.load_state_dict(state["model"])
+    student = student_from_checkpoint(state, cfg, bundle, checkpoint)
     method = create_method(
         "uskd", state["num_classes"], feature_dim(student, cfg.model.feature_layer), **cfg.method.params
     )
@@ -183,5 +214,5 @@ def soft_labels_from_checkpoint(
         if unknown:
             raise UnikdError(f"class names {unknown} are not classes of {cfg.data.name}: {list(bundle.class_names)}")
         chosen = [next(e for e in report if e["target_name"] == name) for name in class_names]
-    save_soft_label_report(chosen, images, out_dir)
+    save_soft_label_report(chosen, images, out_dir, num_classes=bundle.num_classes)
     return chosen
