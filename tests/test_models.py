@@ -402,7 +402,7 @@ def test_failed_export_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypat
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", broken_save)
+    monkeypatch.setattr("safetensors.torch.save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         export_state_dict({"w": torch.ones(2)}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]

@@ -208,13 +208,16 @@ def export_state_dict(
         key: value.detach().cpu().contiguous().clone() for key, value in strip_wrapper_prefixes(state_dict).items()
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name = _create_temp_file(out_path)
+    header = {"format": "unikd", **{key: str(value) for key, value in recorded.items()}}
+    fd, tmp_name = _create_temp_file(out_path)
     try:
-        if out_path.suffix == ".safetensors":
-            header = {"format": "unikd", **{key: str(value) for key, value in recorded.items()}}
-            safetensors.torch.save_file(tensors, tmp_name, metadata=header)
-        else:
-            torch.save(tensors, tmp_name)
+        with os.fdopen(fd, "wb") as f:
+            if out_path.suffix == ".safetensors":
+                f.write(safetensors.torch.save(tensors, metadata=header))
+            else:
+                torch.save(tensors, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp_name, out_path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -222,13 +225,12 @@ def export_state_dict(
     return out_path
 
 
-def _create_temp_file(out_path: Path) -> str:
-    """A new empty file beside ``out_path`` created with mode 0o644 (the umask applies, as for any new file;
-    ``tempfile.mkstemp`` would make it 0o600, readable by its owner only)."""
+def _create_temp_file(out_path: Path) -> tuple[int, str]:
+    """(descriptor, name) of a new file beside ``out_path``, created with mode 0o644 less the umask as any new file
+    is (``tempfile.mkstemp`` would make it 0o600, readable by its owner only)."""
     while True:
         name = os.path.join(out_path.parent, f".{out_path.name}.{secrets.token_hex(6)}.tmp")
         try:
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            return name
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), name
         except FileExistsError:
             continue

@@ -94,7 +94,8 @@ def implied_kwargs(name: str) -> dict:
     namespace, _, arch = name.partition("/")
     if namespace not in ALIAS_NAMESPACES:
         return {}
-    return next((dict(kwargs) for alias, (_, kwargs) in _aliases(namespace).items() if alias.lower() == arch.lower()))
+    aliases = _aliases(namespace).items()
+    return next((dict(kwargs) for alias, (_, kwargs) in aliases if alias.lower() == arch.lower()), {})
 
 
 def resolve_model_name(name: str) -> str:
