@@ -489,3 +489,83 @@ def test_torchvision_models_take_the_trainers_rgb_in_chans_and_reject_others():
         ModelError, match=r"tv/shufflenet_v2_x1_0: torchvision models take 3-channel images, got in_chans=1"
     ):
         create_model("tv/shufflenet_v2_x1_0", 10, in_chans=1)
+
+
+# --- initialisation (init=): which reference a fresh model follows ----------------------------------------------
+
+
+def _fresh(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model(f"cifar/{name}", 100, **kwargs)
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet8x4", "resnet18", "resnet50"])
+def test_resnet_default_init_is_mdistillers_and_unchanged(name):
+    default = _fresh(name)
+    assert _same_weights(default, _fresh(name, init="kaiming")) and _same_weights(
+        default, _fresh(name, init="mdistiller")
+    )
+    conv = default.stem[0]
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert abs(conv.weight.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.15  # Kaiming normal, fan-out
+
+
+def _linear_default_bound(linear: nn.Linear) -> float:
+    return 1 / linear.in_features**0.5  # PyTorch's default: uniform(+-1/sqrt(fan_in)) for weight and bias
+
+
+@pytest.mark.parametrize("name", ["vgg8", "vgg13", "mobilenetv2"])
+def test_mdistiller_init_vgg_and_mobilenetv2_classifier_is_normal_001_with_zero_bias(name):
+    model = _fresh(name, init="mdistiller")
+    assert abs(model.fc.weight.std().item() - 0.01) < 0.0005 and abs(model.fc.weight.mean().item()) < 0.0005
+    assert not model.fc.bias.any()
+    assert model.fc.weight.abs().max().item() > 0.03  # a normal's tail, not a uniform(+-0.044) default
+    default = _fresh(name)
+    assert default.fc.bias.any() and default.fc.weight.abs().max().item() <= _linear_default_bound(default.fc)
+
+
+def test_mdistiller_init_wrn_zeroes_only_the_classifier_bias():
+    model, default = _fresh("wrn_16_2", init="mdistiller"), _fresh("wrn_16_2")
+    assert not model.fc.bias.any() and default.fc.bias.any()
+    torch.testing.assert_close(model.fc.weight, default.fc.weight, rtol=0, atol=0)  # same draws, default weight
+
+
+@pytest.mark.parametrize("name", ["shufflenetv1", "shufflenetv2"])
+def test_mdistiller_init_shufflenets_keep_pytorchs_default_convs(name):
+    model, default = _fresh(name, init="mdistiller"), _fresh(name)
+    conv = model.conv_head[0] if name == "shufflenetv2" else model.layer3[-1].conv3[0]
+    default_conv = default.conv_head[0] if name == "shufflenetv2" else default.layer3[-1].conv3[0]
+    fan_in = conv.weight[0].numel()
+    # kaiming_uniform_(a=sqrt(5)), PyTorch's Conv2d default: uniform(+-1/sqrt(fan_in)); Kaiming normal exceeds it.
+    assert conv.weight.abs().max().item() <= 1 / fan_in**0.5
+    assert abs(conv.weight.std().item() * (3 * fan_in) ** 0.5 - 1) < 0.05
+    assert default_conv.weight.abs().max().item() > 1 / fan_in**0.5
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet20", "resnet50"])
+def test_mmpretrain_init_zeroes_each_residual_branchs_last_bn_and_draws_the_head_from_n001(name):
+    model = _fresh(name, init="mmpretrain")
+    blocks = [m for m in model.modules() if hasattr(m, "shortcut")]
+    for block in blocks:
+        last = (block.conv3 if hasattr(block, "conv3") else block.conv2)[1]
+        assert not last.weight.any() and not last.bias.any()
+        assert bool((block.conv1[1].weight == 1).all())
+        if isinstance(block.shortcut, nn.Sequential):
+            assert bool((block.shortcut[1].weight == 1).all())  # the downsample BN is not zeroed
+    assert bool((model.stem[1].weight == 1).all())
+    assert abs(model.fc.weight.std().item() - 0.01) < 0.001 and not model.fc.bias.any()
+
+
+def test_init_errors_name_the_choices():
+    with pytest.raises(ModelError, match=r"^init='torch' is not one of kaiming, mdistiller, mmpretrain$"):
+        create_model("cifar/resnet8", 10, init="torch")
+    with pytest.raises(
+        ModelError, match=r"^init='mmpretrain' follows mmpretrain's ResNet_CIFAR, which has no VGG; use"
+    ):
+        create_model("cifar/vgg8", 10, init="mmpretrain")
+    with pytest.raises(ModelError, match=r"^init='mdistiller': mdistiller has no SmallCNN; use init='kaiming'$"):
+        create_model("cifar/smallcnn", 10, init="mdistiller")
