@@ -387,21 +387,21 @@ def test_verify_fails_loudly_on_any_difference(tmp_path):
 
 
 def test_refuses_a_run_the_disk_cannot_hold(tmp_path, monkeypatch):
-    cache = TeacherCache(
-        tmp_path / "new" / "cache", teacher=TEACHER, data=DATA, seed=0, num_classes=100, num_samples=50000
-    )
-    rows = 240 * (50000 // 128 * 128)
-    needed = 240 * epoch_bytes(50000 // 128 * 128, 128, 100)
+    root = tmp_path / "new" / "cache"
+    cache = TeacherCache(root, teacher=TEACHER, data=DATA, seed=0, num_classes=100, num_samples=50000)
+    rows = 50000 // 128 * 128
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**9, 10**9))
     with pytest.raises(UnikdError) as error:
-        cache.check_space(rows, rows_per_record=128, epochs=240)
+        cache.check_space(240, rows, rows_per_record=128)
     assert str(error.value) == (
-        f"teacher cache {tmp_path / 'new' / 'cache'}: this run needs 4891.9 MB for 11980800 teacher logits (float32, "
-        "100 classes, 20.4 MB an epoch for 240 epochs) but its disk has 1000.0 MB free; free space, set the dtype to "
-        "float16 (half the size), point the cache at a bigger disk, or turn it off"
+        f"teacher cache {root}: this run needs 4891.9 MB more for 240 epochs of teacher logits (20.4 MB an epoch: "
+        "49920 x 100 float32) but its disk has 1000.0 MB free; free space, set the dtype to float16 (half the size), "
+        "point the cache at a bigger disk, or turn it off"
     )
-    assert cache.check_space(rows // 10, rows_per_record=128) == needed // 10 < 10**9
-    assert cache.check_space(0, rows_per_record=128) == 0
+    per_epoch = epoch_bytes(rows, 128, 100)
+    assert cache.check_space(40, rows, rows_per_record=128) == 40 * per_epoch < 10**9
+    assert cache.check_space(240, rows, rows_per_record=128, stored=200 * per_epoch) == 40 * per_epoch
+    assert cache.check_space(2, rows, rows_per_record=128, stored=3 * per_epoch) == 0
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
 

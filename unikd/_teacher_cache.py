@@ -472,20 +472,21 @@ class TeacherCache:
         folders = [f"epoch-{epoch:05d}" for epoch in epochs] if epochs is not None else ["epoch-*"]
         return sum(path.stat().st_size for folder in folders for path in self._seed_dir.glob(f"{folder}/*.rec"))
 
-    def check_space(self, missing_rows: int, *, rows_per_record: int, epochs: int | None = None) -> int:
-        """Raise ``UnikdError`` when the disk under ``root`` cannot hold ``missing_rows`` more logits rows written
-        ``rows_per_record`` at a time; return the bytes they need. ``epochs`` (how many epochs they span) adds the
-        per-epoch size to the message."""
-        needed = epoch_bytes(missing_rows, rows_per_record, self.num_classes, self.dtype) if missing_rows else 0
+    def check_space(self, epochs: int, rows_per_epoch: int, *, rows_per_record: int, stored: int = 0) -> int:
+        """Raise ``UnikdError`` when the disk under ``root`` cannot hold ``epochs`` epochs of ``rows_per_epoch``
+        logits rows written ``rows_per_record`` at a time (the per-process batch), less ``stored`` bytes already
+        there (e.g. ``stored_bytes(range(start_epoch, epochs))``); return the bytes still needed."""
+        per_epoch = epoch_bytes(rows_per_epoch, rows_per_record, self.num_classes, self.dtype)
+        needed = max(0, epochs * per_epoch - stored)
         existing = next(parent for parent in [self.root, *self.root.parents] if parent.exists())
         free = shutil.disk_usage(existing).free
         if needed > free:
-            per_epoch = f", {needed / epochs / 1e6:.1f} MB an epoch for {epochs} epochs" if epochs else ""
             smaller = "set the dtype to float16 (half the size), " if self.dtype == "float32" else ""
             raise UnikdError(
-                f"teacher cache {self.root}: this run needs {needed / 1e6:.1f} MB for {missing_rows} teacher logits "
-                f"({self.dtype}, {self.num_classes} classes{per_epoch}) but its disk has {free / 1e6:.1f} MB free; "
-                f"free space, {smaller}point the cache at a bigger disk, or turn it off"
+                f"teacher cache {self.root}: this run needs {needed / 1e6:.1f} MB more for {epochs} epochs of teacher "
+                f"logits ({per_epoch / 1e6:.1f} MB an epoch: {rows_per_epoch} x {self.num_classes} {self.dtype}) but "
+                f"its disk has {free / 1e6:.1f} MB free; free space, {smaller}point the cache at a bigger disk, or "
+                "turn it off"
             )
         return needed
 
