@@ -101,9 +101,9 @@ def main() -> None:
         model, bgr = build_classifier(config, overrides)
         state = model.state_dict()
         synthetic = {key: synthetic_tensor(key, tuple(value.shape), value.dtype) for key, value in state.items()}
-        for key, value in state.items():  # the index mmpretrain computes must be the one the formula writes
+        for key, value in state.items():  # mmpretrain must build the index unikd computes for timm
             if key.endswith("relative_position_index") and not torch.equal(value, synthetic[key]):
-                raise SystemExit(f"{name}: {key} differs from the Swin paper's relative position index")
+                raise SystemExit(f"{name}: {key} differs from unikd's relative_position_index")
         model.load_state_dict(synthetic, strict=True)
         images = synthetic_images(BATCH, size)
         with torch.no_grad():

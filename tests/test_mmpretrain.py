@@ -30,6 +30,7 @@ from unikd.models._mmpretrain import (
     is_mmpretrain_state_dict,
     matching_models,
     mmpretrain_backbone,
+    relative_position_index,
     stage_output_norms,
     strip_distiller,
     to_mmpretrain,
@@ -40,28 +41,20 @@ REFERENCE = json.loads((DATA / "mmpretrain_reference.json").read_text())
 MODELS = REFERENCE["models"]
 
 
-def swin_relative_position_index(window: int) -> torch.Tensor:
-    """(window², window²) int64: the index into a Swin relative position bias table, as the Swin paper defines it."""
-    rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
-    coords = torch.stack([rows.flatten(), cols.flatten()])  # (2, window²)
-    offsets = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, window², window²), each in [0, 2 window - 2]
-    return offsets[0] * (2 * window - 1) + offsets[1]
-
-
 def synthetic_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """The value of the tensor named ``key`` in every synthetic checkpoint: a function of the name alone.
 
     Uniform draws from numpy's legacy RandomState (stable across numpy releases) seeded by the name's crc32, scaled
     like a sane init: He (Kaiming-uniform) conv/linear weights, norm scales in [0.5, 1.5], BatchNorm running means
     around 0 and variances in [0.5, 2], so that every layer changes the logits. Swin's relative position index is the
-    real one (a lookup table, not a weight).
+    real one (a lookup table, not a weight; the reference script checks that mmpretrain builds the same).
     """
     rng = np.random.RandomState(zlib.crc32(key.encode()))
     leaf = key.rsplit(".", 1)[-1]
     if leaf == "num_batches_tracked":
         return torch.tensor(rng.randint(1, 10**6), dtype=dtype)
     if leaf == "relative_position_index":
-        return swin_relative_position_index(round(shape[0] ** 0.5)).to(dtype)
+        return relative_position_index(round(shape[0] ** 0.5)).to(dtype)
     if leaf == "running_var":
         low, high = 0.5, 2.0
     elif leaf == "weight" and len(shape) == 1:  # BatchNorm / LayerNorm scale
@@ -257,7 +250,8 @@ def test_weights_land_where_they_belong(name, ours_key, mm_key, expected):
 
 
 def test_swin_patch_merging_computes_what_mmcvs_unfold_merging_computes():
-    """timm's PatchMerging with our weights == mmcv's (unfold 2x2, LayerNorm(4C), Linear) with mmpretrain's."""
+    """timm's PatchMerging with our weights == mmcv's (unfold 2x2, LayerNorm(4C), Linear) with mmpretrain's; and
+    timm computes the relative position index mmpretrain stores (the reference script checks mmpretrain's side)."""
     state = reference_state("swin-tiny_16xb64_in1k")
     model = create_model("timm/swin_tiny_patch4_window7_224", num_classes=1000)
     model.load_state_dict(from_mmpretrain(state, "timm/swin_tiny_patch4_window7_224"))
@@ -266,6 +260,7 @@ def test_swin_patch_merging_computes_what_mmcvs_unfold_merging_computes():
     unfolded = F.unfold(features, kernel_size=2, stride=2).transpose(1, 2).float()  # (N, L, 4C), mmcv's order
     normed = F.layer_norm(unfolded, (384,), state[mm_prefix + "norm.weight"], state[mm_prefix + "norm.bias"])
     expected = normed @ state[mm_prefix + "reduction.weight"].T  # (N, L, 2C)
+    assert torch.equal(model.layers[0].blocks[0].attn.relative_position_index, relative_position_index(7))
     merging = model.layers[1].downsample
     with torch.no_grad():
         ours = merging(features.permute(0, 2, 3, 1).float()).flatten(1, 2)  # (N, H/2 W/2, 2C)
