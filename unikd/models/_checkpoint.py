@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from unikd._serialization import read_weights_file
+from unikd._serialization import WeightsFile, read_weights_file
 from unikd.models._errors import ModelError
 from unikd.models._factory import create_model, implied_kwargs, resolve_model_name
 from unikd.models._features import unwrap
@@ -54,14 +54,15 @@ def _load(
     model: nn.Module,
     model_name: str,
     num_classes: int,
+    weights: WeightsFile,
     path: str | os.PathLike,
     *,
     layout: str,
     role: str,
     new_classifier_ok: bool,
 ) -> WeightsReport:
-    """Read ``path`` into ``model`` (built as ``model_name`` with ``num_classes`` classes); the report says how."""
-    weights = read_weights_file(path)
+    """Put ``weights`` (read from ``path``) into ``model`` (built as ``model_name`` with ``num_classes`` classes);
+    the report says how."""
     state_dict, report = to_model_keys(weights, path, model, model_name, layout=layout, role=role)
     mismatched = _shape_problems(model, state_dict)
     classifier = classifier_keys(model)
@@ -90,9 +91,8 @@ def _load(
     return report
 
 
-def _recorded_in_chans(path: str | os.PathLike) -> int | None:
+def _recorded_in_chans(weights: WeightsFile, path: str | os.PathLike) -> int | None:
     """The input channels a unikd checkpoint or export records, if any (read before the model is built)."""
-    weights = read_weights_file(path)
     _, report = find_state_dict(weights, str(path))
     in_chans = report.metadata.get("in_chans")
     return in_chans if isinstance(in_chans, int) else None
@@ -115,10 +115,11 @@ def load_model_weights(
     """
     canonical = resolve_model_name(name)
     kwargs = {**implied_kwargs(name), **kwargs}
-    if "in_chans" not in kwargs and (in_chans := _recorded_in_chans(path)) is not None:
+    weights = read_weights_file(path)
+    if "in_chans" not in kwargs and (in_chans := _recorded_in_chans(weights, path)) is not None:
         kwargs["in_chans"] = in_chans
     model = create_model(canonical, num_classes, **kwargs)
-    report = _load(model, canonical, num_classes, path, layout=layout, role=role, new_classifier_ok=False)
+    report = _load(model, canonical, num_classes, weights, path, layout=layout, role=role, new_classifier_ok=False)
     if report.layout == "mmpretrain":
         _check_mmpretrain_kwargs(report, canonical, kwargs)
     return model.eval(), report
@@ -159,7 +160,9 @@ def init_student_from_file(
     model = unwrap(model)
     weight = next((key for key in sorted(classifier_keys(model)) if key.endswith("weight")), None)
     num_classes = model.state_dict()[weight].shape[0] if weight else "?"
-    return _load(model, resolve_model_name(name), num_classes, path, layout=layout, role=role, new_classifier_ok=True)
+    weights = read_weights_file(path)
+    canonical = resolve_model_name(name)
+    return _load(model, canonical, num_classes, weights, path, layout=layout, role=role, new_classifier_ok=True)
 
 
 def _first_conv_in_chans(state_dict: dict[str, torch.Tensor]) -> int | None:
