@@ -110,10 +110,12 @@ def resolve_model_name(name: str) -> str:
 
 
 def create_model(name: str, num_classes: int, *, pretrained: bool = False, **kwargs) -> nn.Module:
-    """Build ``name`` = ``timm/<model>``, ``tv/<model>`` or ``cifar/<model>`` with a ``num_classes``-way classifier.
+    """Build ``name`` = ``timm/<model>``, ``tv/<model>`` or ``cifar/<model>`` (or an alias: ``mdistiller/ResNet50``,
+    ``mmpretrain/resnet18_8xb32_in1k``) with a ``num_classes``-way classifier.
 
     ``kwargs`` go to the constructor (``in_chans=1``, ``img_size=32`` for a ViT, ``width=32`` for
-    ``cifar/smallcnn``). ``pretrained=True`` downloads through timm's / torchvision's own loaders, which need the
+    ``cifar/smallcnn``, ``init="mdistiller"`` for the CIFAR zoo: see ``unikd.models.CIFAR_INITS``); an alias adds the
+    keywords it implies (``mmpretrain/mobilenet_v1``: ``act_layer="relu"``). ``pretrained=True`` downloads through timm's / torchvision's own loaders, which need the
     network; offline, load a local checkpoint with ``load_teacher`` instead.
     """
     kwargs = {**implied_kwargs(name), **kwargs}
