@@ -115,8 +115,9 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, **kwa
 
     ``kwargs`` go to the constructor (``in_chans=1``, ``img_size=32`` for a ViT, ``width=32`` for
     ``cifar/smallcnn``, ``init="mdistiller"`` for the CIFAR zoo: see ``unikd.models.CIFAR_INITS``); an alias adds the
-    keywords it implies (``mmpretrain/mobilenet_v1``: ``act_layer="relu"``). ``pretrained=True`` downloads through timm's / torchvision's own loaders, which need the
-    network; offline, load a local checkpoint with ``load_teacher`` instead.
+    keywords it implies (``mmpretrain/mobilenet_v1``: ``act_layer="relu"``). ``pretrained=True`` downloads through
+    timm's / torchvision's own loaders, which need the network; offline, load a local checkpoint with
+    ``load_teacher`` instead.
     """
     kwargs = {**implied_kwargs(name), **kwargs}
     name = resolve_model_name(name)
