@@ -1,0 +1,356 @@
+"""Detectors: torchvision's Faster R-CNN and Mask R-CNN with an FPN on any ResNet of ``unikd.models``, one factory.
+
+    detector = create_detector("faster_rcnn", num_classes=80, backbone="tv/resnet50",
+                               backbone_weights="uskd_resnet50.safetensors")       # paper Table 7 / 13 models
+    tiny = create_detector("mask_rcnn", 10, backbone="timm/resnet18", fpn_channels=32, representation_size=128,
+                           backbone_kwargs={"channels": [16, 32, 64, 128], "stem_width": 16})   # CPU tests
+
+The backbone is ``unikd.models.create_model(backbone)`` cut after ``layer4`` (torchvision's
+``IntermediateLayerGetter``) under torchvision's ``BackboneWithFPN``: any network with a ``conv1`` stem and stages
+``layer1``..``layer4`` fits (torchvision and timm ResNets, ResNeXts, wide ResNets). ``num_classes`` counts the object
+categories; the box classifier has ``num_classes + 1`` outputs, column 0 being the background (torchvision's
+convention). With the default sizes (FPN 256, box head 1024, anchors 32-512) the parameter names and shapes are those
+of torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn``, so their state_dicts load either way.
+
+Backbone weights come from any file ``unikd.models.load_state_dict_file`` reads: a unikd classification checkpoint
+or export (a USKD-trained ResNet drops in), timm / torchvision classifiers, mmpretrain classifiers and
+MMDetection / torchvision detectors (their ``backbone.`` / ``backbone.body.`` keys), with the classifier head left
+out. A 1-channel stem (a Fashion-MNIST classifier) is spread over the 3 RGB channels (its weights / 3), which gives
+the same responses on grey images. As in torchvision and MMDetection, a pretrained backbone gets frozen
+BatchNorm (``FrozenBatchNorm2d``) and trains its last 3 stages; a randomly initialised one trains everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FrozenBatchNorm2d
+
+from unikd._errors import ConfigError
+from unikd._serialization import safe_torch_load
+from unikd.models import ModelError, create_model, load_state_dict_file
+
+__all__ = [
+    "DETECTORS",
+    "backbone_state_dict",
+    "create_backbone",
+    "create_detector",
+    "detector_from_config",
+    "load_backbone_weights",
+    "load_teacher_detector",
+    "read_detector_checkpoint",
+]
+
+DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+# Trainable from the last stage back (torchvision's trainable_backbone_layers, MMDetection's frozen_stages = 4 - k).
+_TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
+_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+
+def create_detector(
+    arch: str,
+    num_classes: int,
+    *,
+    backbone: str = "tv/resnet50",
+    backbone_kwargs: dict | None = None,
+    backbone_weights: str | os.PathLike | None = None,
+    trainable_backbone_layers: int | None = None,
+    freeze_bn: bool | None = None,
+    fpn_channels: int = 256,
+    representation_size: int = 1024,
+    anchor_sizes: tuple[int, ...] | list[int] = (32, 64, 128, 256, 512),
+    min_size: int | tuple[int, ...] | list[int] = 800,
+    max_size: int = 1333,
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
+    **detector_kwargs,
+) -> FasterRCNN | MaskRCNN:
+    """A torchvision ``FasterRCNN`` (``arch="faster_rcnn"``) or ``MaskRCNN`` (``"mask_rcnn"``) on a ResNet-FPN.
+
+    Args:
+        num_classes: C object categories (the box classifier predicts C + 1 classes, 0 = background).
+        backbone, backbone_kwargs, backbone_weights, trainable_backbone_layers, freeze_bn, fpn_channels: see
+            ``create_backbone``.
+        representation_size: width of the box head's two fully connected layers (torchvision: 1024).
+        anchor_sizes: one anchor size per FPN level (P2-P6), aspect ratios 0.5, 1, 2.
+        min_size, max_size, image_mean, image_std: torchvision's ``GeneralizedRCNNTransform`` (resize so that the
+            shorter side is ``min_size`` (one drawn per batch when several) and the longer at most ``max_size``;
+            normalise with mean/std, ImageNet's when None).
+        **detector_kwargs: any other argument of torchvision's constructor (``rpn_*``, ``box_*``).
+    """
+    if arch not in DETECTORS:
+        raise ModelError(f"unknown detector {arch!r}: expected one of {', '.join(DETECTORS)}")
+    body_fpn = create_backbone(
+        backbone,
+        kwargs=backbone_kwargs,
+        weights=backbone_weights,
+        trainable_layers=trainable_backbone_layers,
+        freeze_bn=freeze_bn,
+        fpn_channels=fpn_channels,
+    )
+    if len(anchor_sizes) != 5:
+        raise ModelError(f"anchor_sizes: one size per FPN level (5), got {list(anchor_sizes)}")
+    heads = {
+        "rpn_anchor_generator": AnchorGenerator(tuple((size,) for size in anchor_sizes), (_ASPECT_RATIOS,) * 5),
+        "box_head": TwoMLPHead(fpn_channels * 7 * 7, representation_size),  # 7x7 RoIAlign of box_roi_pool
+        "box_predictor": FastRCNNPredictor(representation_size, num_classes + 1),
+    }
+    if arch == "mask_rcnn":
+        heads["mask_head"] = MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, 1)
+        heads["mask_predictor"] = MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1)
+    min_size = tuple(min_size) if isinstance(min_size, list | tuple) else min_size
+    try:
+        return DETECTORS[arch](
+            body_fpn,
+            num_classes=None,
+            min_size=min_size,
+            max_size=max_size,
+            image_mean=image_mean,
+            image_std=image_std,
+            **heads,
+            **detector_kwargs,
+        )
+    except TypeError as error:
+        raise ModelError(f"{arch}: torchvision's {DETECTORS[arch].__name__} rejected the arguments: {error}") from None
+
+
+def create_backbone(
+    name: str,
+    *,
+    kwargs: dict | None = None,
+    weights: str | os.PathLike | None = None,
+    trainable_layers: int | None = None,
+    freeze_bn: bool | None = None,
+    fpn_channels: int = 256,
+    weights_key: str = "backbone_weights",
+) -> BackboneWithFPN:
+    """``create_model(name)`` cut after ``layer4``, with an FPN (P2-P5 of ``fpn_channels`` plus a max-pooled P6).
+
+    Args:
+        weights: a weights file (see the module docstring); None: random initialisation.
+        trainable_layers: how many stages from ``layer4`` back are trained (0-5, 5 includes the stem); None: 3 with
+            ``weights``, 5 without (torchvision's defaults).
+        freeze_bn: replace the backbone's BatchNorm by ``FrozenBatchNorm2d`` (the loaded statistics and affine
+            parameters, fixed); None: when ``weights`` is given.
+        weights_key: the config key named in error messages.
+    """
+    classifier = create_model(name, 1000, **(kwargs or {}))
+    missing_stages = [stage for stage in ("conv1", *STAGES) if not hasattr(classifier, stage)]
+    if missing_stages:
+        raise ModelError(
+            f"{name} is not a ResNet-style network (a conv1 stem, then stages layer1..layer4; it lacks "
+            f"{', '.join(missing_stages)}); use tv/resnet18, tv/resnet34, tv/resnet50, tv/resnet101 or a timm ResNet"
+        )
+    return_layers = {stage: str(index) for index, stage in enumerate(STAGES)}
+    backbone = BackboneWithFPN(
+        classifier, return_layers, _stage_channels(IntermediateLayerGetter(classifier, return_layers)), fpn_channels
+    )
+    body = backbone.body  # the classifier's modules up to layer4 (the head is left out)
+    if weights is not None:
+        load_backbone_weights(body, weights, source=weights_key)
+    if freeze_bn if freeze_bn is not None else weights is not None:
+        _freeze_batch_norm(body)
+    trainable_layers = (3 if weights is not None else 5) if trainable_layers is None else trainable_layers
+    if not 0 <= trainable_layers <= 5:
+        raise ModelError(f"trainable_backbone_layers: must be 0-5, got {trainable_layers}")
+    trained = _TRAINABLE_ORDER[:trainable_layers] + (("bn1",) if trainable_layers == 5 else ())
+    for parameter_name, parameter in body.named_parameters():
+        parameter.requires_grad_(parameter_name.startswith(trained))
+    return backbone
+
+
+def backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's entries of a classifier's or detector's state_dict, named as in the classifier.
+
+    A torchvision detector's ``backbone.body.*`` or an MMDetection detector's / mmpretrain classifier's
+    ``backbone.*`` entries, with that prefix removed; any other state_dict is returned as it is.
+    """
+    for prefix in ("backbone.body.", "backbone."):
+        if any(key.startswith(prefix) for key in state_dict):
+            return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+    return state_dict
+
+
+def load_backbone_weights(body: nn.Module, path: str | os.PathLike, *, source: str = "backbone_weights") -> None:
+    """Load the weights file ``path`` into ``body`` (a classifier cut after ``layer4``), every entry checked.
+
+    Entries of the classifier head (``fc``, ``head``, ...: modules the cut left out) are ignored; a missing,
+    unexpected or differently shaped entry of the backbone is a ``ModelError`` naming ``source`` and the file.
+    """
+    state_dict = backbone_state_dict(load_state_dict_file(path))
+    kept = {name for name, _ in body.named_children()}
+    state_dict = {key: value for key, value in state_dict.items() if key.split(".", 1)[0] in kept}
+    expected = body.state_dict()
+    stem, expected_stem = state_dict.get("conv1.weight"), expected.get("conv1.weight")
+    grey_stem = stem is not None and expected_stem is not None and stem.ndim == 4
+    if grey_stem and (stem.shape[1], expected_stem.shape[1]) == (1, 3):
+        state_dict["conv1.weight"] = stem.expand(-1, 3, -1, -1) / 3  # a grey stem: same response when R = G = B
+    _load_strictly(body, state_dict, f"{source}: {path}")
+
+
+def detector_from_config(detector_cfg, num_classes: int, data_cfg, *, load_backbone: bool = True) -> nn.Module:
+    """``create_detector`` from a ``DetectorConfig`` and the ``DetectionDataConfig`` (sizes, normalisation)."""
+    return create_detector(
+        detector_cfg.arch,
+        num_classes,
+        backbone=detector_cfg.backbone,
+        backbone_kwargs=detector_cfg.backbone_kwargs,
+        backbone_weights=detector_cfg.backbone_weights if load_backbone else None,
+        trainable_backbone_layers=detector_cfg.trainable_backbone_layers,
+        # Without loading, the layout must still be the one the weights would have given (FrozenBatchNorm2d).
+        freeze_bn=detector_cfg.freeze_bn if detector_cfg.freeze_bn is not None else bool(detector_cfg.backbone_weights),
+        fpn_channels=detector_cfg.fpn_channels,
+        representation_size=detector_cfg.representation_size,
+        anchor_sizes=detector_cfg.anchor_sizes,
+        min_size=data_cfg.min_size,
+        max_size=data_cfg.max_size,
+        image_mean=data_cfg.image_mean,
+        image_std=data_cfg.image_std,
+        **detector_cfg.detector_kwargs,
+    )
+
+
+def read_detector_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict, the unikd detection checkpoint it came from or None for a plain weights file)."""
+    path = Path(path)
+    if path.suffix in (".pt", ".pth") and path.is_file():
+        checkpoint = safe_torch_load(path)  # runs nothing from the file; one-line errors for unreadable ones
+        if isinstance(checkpoint, dict) and checkpoint.get("format") == "unikd-checkpoint":
+            if checkpoint.get("task") != "detection":
+                raise ModelError(
+                    f"{path} is a unikd classification checkpoint ({checkpoint.get('model_name')}); a teacher "
+                    "detector comes from 'unikd detect train' (its best.pt) or a detector state_dict file"
+                )
+            return checkpoint["model"], checkpoint
+    return load_state_dict_file(path), None
+
+
+def load_teacher_detector(teacher_cfg, categories: list[dict], data_cfg) -> nn.Module:
+    """The frozen teacher (eval mode, no gradients) from ``teacher_cfg.checkpoint``, checked against the data.
+
+    A unikd detection checkpoint records its architecture, which is used (``model.teacher.arch`` and ``backbone``
+    must agree with it); a plain state_dict file is built as ``model.teacher`` describes. The teacher must predict
+    the dataset's categories and have been trained on images normalised as ``data.image_mean``/``image_std``.
+    """
+    path = teacher_cfg.checkpoint
+    key = "model.teacher.checkpoint"
+    state_dict, checkpoint = read_detector_checkpoint(path)
+    detector_cfg = teacher_cfg
+    if checkpoint is None and (teacher_cfg.arch is None or teacher_cfg.backbone is None):
+        raise ConfigError(
+            f"model.teacher.arch: {path} is a plain weights file, which does not record the detector it holds; set "
+            "model.teacher.arch and model.teacher.backbone (e.g. faster_rcnn and tv/resnet101), and any other "
+            "model.teacher key it was built with"
+        )
+    if checkpoint is not None:
+        recorded = checkpoint["config"]
+        detector_cfg = _recorded_detector(recorded["model"]["student"], teacher_cfg, path)
+        if checkpoint.get("categories") and _category_names(checkpoint["categories"]) != _category_names(categories):
+            raise ConfigError(
+                f"{key}: the teacher in {path} was trained on the categories "
+                f"{_category_names(checkpoint['categories'])[:5]}... but the dataset has "
+                f"{_category_names(categories)[:5]}...; distil from a teacher trained on the same categories"
+            )
+        for name in ("image_mean", "image_std"):
+            if [round(v, 6) for v in recorded["data"][name]] != [round(v, 6) for v in getattr(data_cfg, name)]:
+                raise ConfigError(
+                    f"{key}: the teacher in {path} was trained with data.{name}={recorded['data'][name]}, this run "
+                    f"uses {getattr(data_cfg, name)}; the teacher sees the student's normalised images, so use the "
+                    "teacher's values"
+                )
+    classifier = state_dict.get("roi_heads.box_predictor.cls_score.weight")
+    if classifier is not None and classifier.shape[0] != len(categories) + 1:
+        raise ConfigError(
+            f"{key}: the teacher in {path} predicts {classifier.shape[0] - 1} classes (+ background) but the "
+            f"dataset has {len(categories)} categories; distil from a teacher trained on the same categories"
+        )
+    # Frozen BatchNorm whatever the teacher trained with: the same function in eval mode, and the same entries but
+    # BatchNorm's step counters, which are left out.
+    detector_cfg = dataclasses.replace(detector_cfg, freeze_bn=True)
+    state_dict = {key: value for key, value in state_dict.items() if not key.endswith(".num_batches_tracked")}
+    teacher = detector_from_config(detector_cfg, len(categories), data_cfg, load_backbone=False)
+    _load_strictly(teacher, state_dict, f"{key}: {path}, loaded into a {detector_cfg.arch} on {detector_cfg.backbone},")
+    return teacher.eval().requires_grad_(False)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _recorded_detector(recorded: dict, teacher_cfg, path):
+    """The teacher's ``DetectorConfig`` as its checkpoint recorded it; ``arch``/``backbone``, when given, must match."""
+    from unikd.detection.config import DetectorConfig  # lazy: config imports this package's distill module
+
+    for name in ("arch", "backbone"):
+        given = getattr(teacher_cfg, name)
+        if given is not None and given != recorded[name]:
+            raise ConfigError(
+                f"model.teacher.{name}: the checkpoint {path} holds a {recorded['arch']} on {recorded['backbone']}, "
+                f"not {given}; set model.teacher.{name}={recorded[name]} or leave it out"
+            )
+    fields = {name: recorded[name] for name in DetectorConfig.__dataclass_fields__ if name in recorded}
+    return DetectorConfig(**{**fields, "backbone_weights": None})
+
+
+def _load_strictly(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)``, with one ``ModelError`` that lists every missing, unexpected or mis-shaped
+    entry."""
+    expected = module.state_dict()
+    problems = {
+        "missing entries": [key for key in expected if key not in state_dict],
+        "unexpected entries": [key for key in state_dict if key not in expected],
+        "shape mismatches": [
+            f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
+            for key, value in expected.items()
+            if key in state_dict and state_dict[key].shape != value.shape
+        ],
+    }
+    found = [f"{label} ({len(keys)}): {_listing(keys)}" for label, keys in problems.items() if keys]
+    if found:
+        raise ModelError(f"{source} does not fit the model: {'; '.join(found)}")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def _listing(keys: list[str], shown: int = 8) -> str:
+    return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
+
+
+def _category_names(categories: list[dict]) -> list[str]:
+    return [str(category["name"]) for category in categories]
+
+
+def _freeze_batch_norm(module: nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` under ``module`` by a ``FrozenBatchNorm2d`` holding its current values."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                if child.affine:
+                    frozen.weight.copy_(child.weight)
+                    frozen.bias.copy_(child.bias)
+                if child.running_mean is not None:
+                    frozen.running_mean.copy_(child.running_mean)
+                    frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            _freeze_batch_norm(child)
+
+
+@torch.no_grad()
+def _stage_channels(body: nn.Module) -> list[int]:
+    """The channel counts of the four stage outputs, read from one small forward pass in eval mode."""
+    was_training = body.training
+    body.eval()
+    outputs = body(torch.zeros(1, 3, 64, 64))
+    body.train(was_training)
+    return [output.shape[1] for output in outputs.values()]
