@@ -97,9 +97,10 @@ def test_a_network_without_resnet_stages_is_refused_with_the_choices():
 # ---- backbone weights -------------------------------------------------------------------------------------------
 
 
-def classifier(in_chans: int = 3, num_classes: int = 10) -> nn.Module:
+def classifier(name: str = "timm/resnet18", in_chans: int = 3, num_classes: int = 10) -> nn.Module:
     torch.manual_seed(1)
-    model = create_model("timm/resnet18", num_classes, in_chans=in_chans, **SMALL)
+    kwargs = {"in_chans": in_chans, **SMALL} if name.startswith("timm/") else {}
+    model = create_model(name, num_classes, **kwargs)
     with torch.no_grad():  # non-trivial BatchNorm statistics, so that freezing them is visible
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -108,25 +109,37 @@ def classifier(in_chans: int = 3, num_classes: int = 10) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("layout", ["classifier", "unikd export", "mmpretrain", "torchvision detector"])
-def test_backbone_weights_load_from_the_fields_layouts_with_the_head_left_out(tmp_path, layout):
-    source = classifier()
+@pytest.mark.parametrize(
+    ("layout", "name"),
+    [
+        ("timm classifier", "timm/resnet18"),
+        ("unikd export", "timm/resnet18"),
+        ("mmpretrain classifier", "tv/resnet18"),  # unikd.models checks it against the standard widths
+        ("torchvision detector", "timm/resnet18"),
+        ("backbone only", "timm/resnet18"),
+    ],
+)
+def test_backbone_weights_load_from_the_fields_layouts_with_the_head_left_out(tmp_path, layout, name):
+    source = classifier(name)
     state_dict = source.state_dict()
+    body_state = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
     path = tmp_path / "weights.pt"
-    if layout == "classifier":
+    if layout == "timm classifier":
         torch.save(state_dict, path)
     elif layout == "unikd export":
         path = export_state_dict(source, tmp_path / "weights.safetensors")
-    elif layout == "mmpretrain":  # {"state_dict": {"backbone.<name>": ..., "head.fc.<name>": ...}, "meta": ...}
-        entries = {f"backbone.{k}": v for k, v in state_dict.items() if not k.startswith("fc.")}
+    elif layout == "mmpretrain classifier":  # {"state_dict": {"backbone.<name>", "head.fc.<name>"}, "meta": ...}
+        entries = {f"backbone.{k}": v for k, v in body_state.items()}
         entries.update({f"head.{k}": v for k, v in state_dict.items() if k.startswith("fc.")})
         torch.save({"state_dict": entries, "meta": {"epoch": 100}}, path)
-    else:
+    elif layout == "torchvision detector":
         detector = tiny()
-        detector.backbone.body.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("fc.")})
+        detector.backbone.body.load_state_dict(body_state)
         torch.save(detector.state_dict(), path)
-    body_fpn = create_backbone("timm/resnet18", kwargs=SMALL, weights=path)
-    body = body_fpn.body
+    else:
+        torch.save(body_state, path)
+    kwargs = SMALL if name.startswith("timm/") else {}
+    body = create_backbone(name, kwargs=kwargs, weights=path).body
     assert torch.equal(body.layer3[0].conv1.weight, state_dict["layer3.0.conv1.weight"])
     assert isinstance(body.bn1, FrozenBatchNorm2d) and torch.equal(body.bn1.running_var, state_dict["bn1.running_var"])
     trained = {name.split(".")[0] for name, p in body.named_parameters() if p.requires_grad}
@@ -145,14 +158,21 @@ def test_a_grey_stem_is_spread_over_rgb_with_the_same_response(tmp_path):
     torch.testing.assert_close(rgb, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_weights_of_another_architecture_are_refused_with_each_difference(tmp_path):
-    path = tmp_path / "resnet34.pt"
-    torch.save(create_model("tv/resnet34", 10).state_dict(), path)
+def test_weights_of_another_architecture_are_refused_naming_the_key_and_the_file(tmp_path):
+    classifier_file, backbone_file = tmp_path / "resnet34.pt", tmp_path / "resnet34_backbone.pt"
+    state_dict = create_model("tv/resnet34", 10).state_dict()
+    torch.save(state_dict, classifier_file)
+    torch.save({k: v for k, v in state_dict.items() if not k.startswith("fc.")}, backbone_file)
     with pytest.raises(ModelError) as error:
-        create_backbone("tv/resnet18", weights=path, weights_key="model.student.backbone_weights")
+        create_backbone("tv/resnet18", weights=classifier_file, weights_key="model.student.backbone_weights")
+    assert str(error.value).startswith(f"model.student.backbone_weights: {classifier_file} (")  # unikd.models' reader
+    with pytest.raises(ModelError) as error:
+        create_backbone("tv/resnet18", weights=backbone_file, weights_key="model.student.backbone_weights")
     message = str(error.value)
-    assert message.startswith(f"model.student.backbone_weights: {path} does not fit the model: unexpected entries (")
-    assert "layer1.2.conv1.weight, " in message and "more)" in message
+    assert message.startswith(
+        f"model.student.backbone_weights: {backbone_file} does not fit the model: unexpected entries (96): "
+        "layer1.2.conv1.weight, "
+    )
 
 
 # ---- the training step ------------------------------------------------------------------------------------------
@@ -256,7 +276,7 @@ def test_a_teacher_rebuilds_from_its_checkpoint_frozen(teacher_checkpoint, mosai
     from unikd.detection.mosaics import FASHION_MNIST_CLASSES
 
     names = [{"id": index + 1, "name": name} for index, name in enumerate(FASHION_MNIST_CLASSES)]
-    data = data_config(image_mean=[0.485, 0.456, 0.406])
+    data = data_config()  # the teacher was trained with the default (ImageNet) normalisation
     teacher = load_teacher_detector(TeacherConfig(checkpoint=str(teacher_checkpoint)), names, data)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert teacher.roi_heads.box_predictor.cls_score.out_features == 11
@@ -269,7 +289,9 @@ def test_a_teacher_rebuilds_from_its_checkpoint_frozen(teacher_checkpoint, mosai
     with pytest.raises(ConfigError, match="was trained on the categories"):
         load_teacher_detector(TeacherConfig(checkpoint=str(teacher_checkpoint)), categories(10), data)
     with pytest.raises(ConfigError, match=r"was trained with data.image_mean=\[0.485, 0.456, 0.406\], this run uses"):
-        load_teacher_detector(TeacherConfig(checkpoint=str(teacher_checkpoint)), names, data_config())
+        load_teacher_detector(
+            TeacherConfig(checkpoint=str(teacher_checkpoint)), names, data_config(image_mean=[0.3] * 3)
+        )
 
 
 def test_a_teacher_with_another_class_count_is_refused(tmp_path):

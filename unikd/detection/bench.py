@@ -2,7 +2,7 @@
 
     unikd detect bench mosaics-cpu --out bench_out/mosaics-cpu          # baseline, KD, DKD, NKD; ~1 h on 2 cores
     unikd detect bench mosaics-uskd-backbone --out bench_out/uskd       # paper Table 7's question on CPU
-    unikd detect bench mosaics-smoke --out /tmp/smoke                   # the whole pipeline in a few minutes
+    unikd detect bench mosaics-smoke --out /tmp/smoke --threads 1       # the whole pipeline in a few minutes
 
 A profile makes the mosaics (``OUT/data``, cached by their parameters), pretrains the backbones it needs as
 Fashion-MNIST classifiers with the classification engine (``OUT/backbones/<name>``, as ImageNet pretraining is to
@@ -149,16 +149,24 @@ def run_detection_bench(
     methods: list[str] | None = None,
     seeds: list[int] | None = None,
     overrides: list[str] = (),
+    threads: int | None = None,
     log=print,
     profile: DetectionProfile | None = None,
 ) -> dict:
     """Run (or continue) every (variant, seed) of the profile, measure the overhead, write the results.
 
     ``methods`` picks variants (the reference is always included); ``overrides`` go to every detection run;
-    ``profile`` replaces the named profile (tests). Returns the dict written to ``results.json``.
+    ``threads`` sets torch's intra-op threads (on a shared machine, 1 avoids OpenMP threads spin-waiting for busy
+    cores, which can slow a step tenfold); ``profile`` replaces the named profile (tests). Returns the dict written
+    to ``results.json``.
     """
+    import torch
+
     from unikd.bench import run_training  # the classification engine's cached runs, for the backbones
     from unikd.detection.mosaics import make_mosaics
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     profile = profile or _get_profile(profile_name)
     variants = list(methods or profile.variants)
@@ -175,10 +183,13 @@ def run_detection_bench(
     make_mosaics(out_dir / "data", **profile.mosaics)
     common = [f"data.root={out_dir / 'data'}", *profile.overrides, *overrides]
 
-    backbone_weights, backbone_results = {}, {}
-    needed = {profile.variants[name].backbone for name in variants} | (
-        {profile.teacher_backbone} if profile.teacher_backbone else set()
+    distils = profile.teacher_config is not None and any(
+        profile.variants[name].method["name"] != "baseline" for name in variants
     )
+    backbone_weights, backbone_results = {}, {}
+    needed = {profile.variants[name].backbone for name in variants}
+    if distils and profile.teacher_backbone:
+        needed.add(profile.teacher_backbone)
     for name in sorted(needed):
         config, backbone_overrides = profile.backbones[name]
         run_dir = out_dir / "backbones" / name
@@ -189,7 +200,7 @@ def run_detection_bench(
         log(f"[bench] backbone {name}: Fashion-MNIST top-1 {result['best_top1']:.2f}")
 
     teacher_checkpoint, teacher = None, None
-    if profile.teacher_config and any(profile.variants[name].method["name"] != "baseline" for name in variants):
+    if distils:
         log(f"[bench] teacher: {profile.teacher_config} -> {out_dir / 'teacher'}")
         teacher_overrides = [
             *common,
@@ -237,6 +248,7 @@ def run_detection_bench(
         "overhead": overhead,
         "teacher": None if teacher is None else {"best_bbox_AP": teacher["best_bbox_AP"], "last": teacher["last"]},
         "backbones": backbone_results,
+        "threads": torch.get_num_threads(),
         "runs": runs,
         "wall_time_s": time.perf_counter() - bench_start,
     }

@@ -5,7 +5,7 @@
     unikd detect export CHECKPOINT OUT
     unikd detect config CONFIG [key=value ...]
     unikd detect mosaics --out DIR [--fashion-mnist DIR] [--train N] [--val N] [--canvas PX] [--seed S]
-    unikd detect bench PROFILE --out DIR [--methods M ...] [--seeds S ...] [key=value ...]
+    unikd detect bench PROFILE --out DIR [--methods M ...] [--seeds S ...] [--threads N] [key=value ...]
 
 ``add_commands(subparsers)`` adds the group to the ``unikd`` parser (``unikd.cli.build_parser``); each subcommand
 sets ``func`` to a ``_<name>(args)`` handler, as the classification commands do, so ``unikd.cli.main`` runs them
@@ -89,7 +89,7 @@ def _bench(args: argparse.Namespace) -> None:
     from unikd.detection.bench import run_detection_bench
 
     results = run_detection_bench(
-        args.profile, args.out, methods=args.methods, seeds=args.seeds, overrides=args.overrides
+        args.profile, args.out, methods=args.methods, seeds=args.seeds, overrides=args.overrides, threads=args.threads
     )
     print((Path(args.out) / "results.md").read_text(), end="")
     print(f"unikd detect bench: {results['profile']} done; results.json, results.md and plots in {args.out}")
@@ -172,6 +172,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     bench.add_argument("--out", required=True, metavar="DIR", help="output folder (a rerun continues it)")
     bench.add_argument("--methods", nargs="+", metavar="METHOD", help="a subset of the profile's methods")
     bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the profile's)")
+    bench.add_argument(
+        "--threads", type=int, metavar="N", help="torch threads (default: torch's; 1 on a machine others share)"
+    )
     bench.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every detection run")
     bench.set_defaults(func=_bench)
     return detect

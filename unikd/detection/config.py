@@ -45,7 +45,8 @@ from unikd.detection.distill import DISTILLATION_METHODS, method_defaults
 
 TASK = "detection"
 DETECTOR_ARCHS = ("faster_rcnn", "mask_rcnn")
-# Arguments of torchvision's FasterRCNN/MaskRCNN that the factory sets itself (from the keys of DetectorConfig).
+# Arguments of torchvision's FasterRCNN/MaskRCNN that the factory sets itself (from the keys of DetectorConfig), or
+# that take modules, which a YAML file cannot give.
 _FACTORY_SET_KWARGS = (
     "backbone",
     "num_classes",
@@ -60,6 +61,7 @@ _FACTORY_SET_KWARGS = (
     "mask_predictor",
     "mask_roi_pool",
     "box_roi_pool",
+    "rpn_head",
     "kwargs",
 )
 

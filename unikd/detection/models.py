@@ -12,12 +12,14 @@ categories; the box classifier has ``num_classes + 1`` outputs, column 0 being t
 convention). With the default sizes (FPN 256, box head 1024, anchors 32-512) the parameter names and shapes are those
 of torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn``, so their state_dicts load either way.
 
-Backbone weights come from any file ``unikd.models.load_state_dict_file`` reads: a unikd classification checkpoint
-or export (a USKD-trained ResNet drops in), timm / torchvision classifiers, mmpretrain classifiers and
-MMDetection / torchvision detectors (their ``backbone.`` / ``backbone.body.`` keys), with the classifier head left
-out. A 1-channel stem (a Fashion-MNIST classifier) is spread over the 3 RGB channels (its weights / 3), which gives
-the same responses on grey images. As in torchvision and MMDetection, a pretrained backbone gets frozen
-BatchNorm (``FrozenBatchNorm2d``) and trains its last 3 stages; a randomly initialised one trains everything.
+Backbone weights come from any file ``unikd.models`` reads: a classifier's, in every layout its
+``init_student_from_file`` detects (a unikd classification checkpoint or export, so a USKD-trained ResNet drops in;
+timm and torchvision classifiers; mmpretrain / cls_KD checkpoints, whole-distiller ones included), with the
+classifier head left out; or a detector's (torchvision's ``backbone.body.*``, MMDetection's ``backbone.*``) or a
+backbone-only state_dict. A 1-channel stem (a Fashion-MNIST classifier) is spread over the 3 RGB channels (its
+weights / 3), which gives the same responses on grey images. As in torchvision and MMDetection, a pretrained
+backbone gets frozen BatchNorm (``FrozenBatchNorm2d``) and trains its last 3 stages; a randomly initialised one
+trains everything.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from unikd._errors import ConfigError
 from unikd._serialization import safe_torch_load
-from unikd.models import ModelError, create_model, load_state_dict_file
+from unikd.models import ModelError, create_model, init_student_from_file, load_state_dict_file
 
 __all__ = [
     "DETECTORS",
@@ -152,13 +154,13 @@ def create_backbone(
             f"{name} is not a ResNet-style network (a conv1 stem, then stages layer1..layer4; it lacks "
             f"{', '.join(missing_stages)}); use tv/resnet18, tv/resnet34, tv/resnet50, tv/resnet101 or a timm ResNet"
         )
+    if weights is not None:
+        classifier = load_backbone_weights(classifier, name, weights, kwargs=kwargs or {}, source=weights_key)
     return_layers = {stage: str(index) for index, stage in enumerate(STAGES)}
     backbone = BackboneWithFPN(
         classifier, return_layers, _stage_channels(IntermediateLayerGetter(classifier, return_layers)), fpn_channels
     )
     body = backbone.body  # the classifier's modules up to layer4 (the head is left out)
-    if weights is not None:
-        load_backbone_weights(body, weights, source=weights_key)
     if freeze_bn if freeze_bn is not None else weights is not None:
         _freeze_batch_norm(body)
     trainable_layers = (3 if weights is not None else 5) if trainable_layers is None else trainable_layers
@@ -170,33 +172,53 @@ def create_backbone(
     return backbone
 
 
-def backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The backbone's entries of a classifier's or detector's state_dict, named as in the classifier.
+def backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The backbone entries of a detector's state_dict (torchvision's ``backbone.body.*``, MMDetection's
+    ``backbone.*`` beside ``neck.*`` and the heads), or a backbone-only state_dict (a ``conv1`` stem, no classifier),
+    named as in the classifier; None for any other state_dict (a classifier's: ``unikd.models`` reads those)."""
+    if any(key.startswith("backbone.body.") for key in state_dict):
+        prefix = "backbone.body."
+    elif any(key.startswith("backbone.") for key in state_dict) and any(
+        key.startswith(("neck.", "rpn_head.", "roi_head.")) for key in state_dict
+    ):
+        prefix = "backbone."
+    elif "conv1.weight" in state_dict and not any(
+        key.startswith(("fc.", "head.", "classifier.")) for key in state_dict
+    ):
+        return dict(state_dict)
+    else:
+        return None
+    return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
 
-    A torchvision detector's ``backbone.body.*`` or an MMDetection detector's / mmpretrain classifier's
-    ``backbone.*`` entries, with that prefix removed; any other state_dict is returned as it is.
+
+def load_backbone_weights(
+    classifier: nn.Module, name: str, path: str | os.PathLike, *, kwargs: dict | None = None, source: str = "weights"
+) -> nn.Module:
+    """``classifier`` (``create_model(name, 1000, **kwargs)``) with the backbone weights in ``path``; returns it.
+
+    A classifier's file (any layout ``unikd.models.init_student_from_file`` reads: unikd, timm, torchvision,
+    mmpretrain / cls_KD, distiller checkpoints) loads with its head left at its initialisation; a detector's or a
+    backbone-only file loads its backbone entries. A 1-channel stem is spread over RGB. Every backbone entry must
+    fit: otherwise a ``ModelError`` that starts with ``source`` and names the file.
     """
-    for prefix in ("backbone.body.", "backbone."):
-        if any(key.startswith(prefix) for key in state_dict):
-            return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
-    return state_dict
-
-
-def load_backbone_weights(body: nn.Module, path: str | os.PathLike, *, source: str = "backbone_weights") -> None:
-    """Load the weights file ``path`` into ``body`` (a classifier cut after ``layer4``), every entry checked.
-
-    Entries of the classifier head (``fc``, ``head``, ...: modules the cut left out) are ignored; a missing,
-    unexpected or differently shaped entry of the backbone is a ``ModelError`` naming ``source`` and the file.
-    """
-    state_dict = backbone_state_dict(load_state_dict_file(path))
-    kept = {name for name, _ in body.named_children()}
-    state_dict = {key: value for key, value in state_dict.items() if key.split(".", 1)[0] in kept}
-    expected = body.state_dict()
-    stem, expected_stem = state_dict.get("conv1.weight"), expected.get("conv1.weight")
-    grey_stem = stem is not None and expected_stem is not None and stem.ndim == 4
-    if grey_stem and (stem.shape[1], expected_stem.shape[1]) == (1, 3):
-        state_dict["conv1.weight"] = stem.expand(-1, 3, -1, -1) / 3  # a grey stem: same response when R = G = B
-    _load_strictly(body, state_dict, f"{source}: {path}")
+    state_dict = load_state_dict_file(path)
+    stem = next((value for value in state_dict.values() if value.ndim == 4), None)
+    grey = stem is not None and stem.shape[1] == 1 and classifier.conv1.weight.shape[1] == 3
+    backbone_entries = backbone_state_dict(state_dict)
+    if backbone_entries is None:  # a classifier: unikd.models reads its layout
+        source_model = create_model(name, 1000, **{**(kwargs or {}), "in_chans": 1}) if grey else classifier
+        try:
+            init_student_from_file(source_model, name, path)
+        except ModelError as error:
+            raise ModelError(f"{source}: {error}") from None
+        backbone_entries = source_model.state_dict()
+    kept = ("conv1", "bn1", *STAGES)
+    backbone_entries = {k: v for k, v in backbone_entries.items() if k.split(".", 1)[0] in kept}
+    if grey:  # a grey stem: the same response when R = G = B
+        backbone_entries["conv1.weight"] = backbone_entries["conv1.weight"].expand(-1, 3, -1, -1) / 3
+    body = IntermediateLayerGetter(classifier, {stage: stage for stage in STAGES})  # the classifier's own modules
+    _load_strictly(body, backbone_entries, f"{source}: {path}")
+    return classifier
 
 
 def detector_from_config(detector_cfg, num_classes: int, data_cfg, *, load_backbone: bool = True) -> nn.Module:
