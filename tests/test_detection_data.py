@@ -201,7 +201,7 @@ def test_boxes_without_area_are_dropped_and_boxes_reaching_out_are_clipped_with_
     with pytest.warns(UserWarning) as warned:
         annotations = read_coco_annotations(path, tmp_path)
     assert [str(w.message) for w in warned] == [
-        f"{path}: dropped 2 boxes with no area inside their image (first: annotation 15) and clipped 2 boxes that "
+        f"{path}: dropped 2 boxes with no area inside their image (first: annotation 15) and clipped 1 box that "
         "reached outside their image"
     ]
     assert [a["id"] for a in annotations.dataset["annotations"]] == [11, 12, 13, 14, 17]

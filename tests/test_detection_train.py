@@ -175,6 +175,58 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, mosaics_root, 
     }
 
 
+@pytest.mark.slow
+def test_resume_checks_the_config_and_repairs_a_kill_between_the_two_checkpoint_writes(tmp_path, mosaics_root):  # noqa: F811
+    run_dir = tmp_path / "run"
+    overrides = ["schedule.length=4", "train.eval_every=2", "schedule.milestones=[3]"]
+    train_detector(tiny_config(mosaics_root, run_dir, *overrides))
+    with pytest.raises(UnikdError) as error:
+        train_detector(tiny_config(mosaics_root, run_dir, *overrides, "optim.lr=0.02"), resume=True)
+    assert str(error.value).startswith(
+        f"--resume: the config differs from the one {run_dir / 'last.pt'} was trained with: optim.lr 0.01 -> 0.02. "
+        "Only output_dir, data.root, "
+    )
+    # A kill between best.pt and last.pt at a new best at step 4 leaves best.pt at step 4 and last.pt at step 2.
+    step_2, step_4 = load_checkpoint(run_dir / "best.pt"), load_checkpoint(run_dir / "last.pt")
+    assert (step_2["step"], step_4["step"]) == (2, 4)  # the tiny detector did not improve at step 4
+    step_4["metrics"].update(best_step=4, best_bbox_AP=1.0)
+    torch.save(step_4, run_dir / "best.pt")
+    torch.save(step_2, run_dir / "last.pt")
+    result = train_detector(tiny_config(mosaics_root, run_dir, *overrides, "schedule.length=5"), resume=True)
+    assert result["last"]["step"] == 5 and load_checkpoint(run_dir / "last.pt")["step"] == 5  # rolled forward to 4
+    assert [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"] == [1, 2, 3, 4, 5]
+
+
+def test_a_locked_run_directory_is_refused(tmp_path, mosaics_root):  # noqa: F811
+    from unikd._rundir import lock_run_directory
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with lock_run_directory(run_dir), pytest.raises(UnikdError, match="is in use by another unikd run"):
+        train_detector(tiny_config(mosaics_root, run_dir))
+
+
+def test_a_non_finite_model_state_is_never_saved(tmp_path, mosaics_root, monkeypatch):  # noqa: F811
+    original = TrainableDetector.forward
+
+    def overflowing(self, *args, **kwargs):
+        self.student.backbone.body.bn1.running_var.fill_(float("inf"))  # the loss stays finite (batch statistics)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainableDetector, "forward", overflowing)
+    with pytest.raises(UnikdError) as error:
+        train_detector(
+            tiny_config(
+                mosaics_root, tmp_path / "run", "schedule.length=2", "schedule.milestones=[1]", "train.eval_every=2"
+            )
+        )
+    assert str(error.value) == (
+        "non-finite model state at step 2: student.backbone.body.bn1.running_var; not saved, no checkpoint was "
+        "written yet. Lower optim.lr, lengthen schedule.warmup_iters or set optim.clip_grad_norm"
+    )
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path, mosaics_root):  # noqa: F811
     with pytest.raises(UnikdError) as error:
         train_detector(tiny_config(mosaics_root, tmp_path / "none"), resume=True)

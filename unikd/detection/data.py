@@ -37,7 +37,7 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from unikd._errors import UnikdError
+from unikd._errors import DataError, UnikdError
 from unikd.detection.config import DetectionDataConfig, resolve_path
 
 __all__ = [
@@ -234,9 +234,9 @@ def read_coco_annotations(
             train_annotations.append({**annotation, "bbox": box})
     notes = []
     if dropped:
-        notes.append(f"dropped {dropped} boxes with no area inside their image (first: annotation {first_dropped})")
+        notes.append(f"dropped {_boxes(dropped)} with no area inside their image (first: annotation {first_dropped})")
     if clipped:
-        notes.append(f"clipped {clipped} boxes that reached outside their image")
+        notes.append(f"clipped {_boxes(clipped)} that reached outside their image")
     if notes:
         warnings.warn(f"{path}: {' and '.join(notes)}", UserWarning, stacklevel=2)
     dataset = {"info": raw.get("info", {}), "images": raw["images"], "categories": categories, "annotations": kept}
@@ -352,6 +352,10 @@ def _check_segmentation(annotation: dict, image: dict, path: Path) -> None:
     )
 
 
+def _boxes(count: int) -> str:
+    return f"{count} box" if count == 1 else f"{count} boxes"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -391,7 +395,7 @@ class _DetectionTarget:
         info = self.images[target["image_id"]]
         height, width = image.shape[-2:]
         if (height, width) != (info["height"], info["width"]):
-            raise UnikdError(
+            raise DataError(  # DataError keeps its one line when a DataLoader worker re-raises it
                 f"{self.images_dir / info['file_name']} is {width}x{height} pixels but {self.path} says "
                 f"{info['width']}x{info['height']} (image {info['id']}); fix its width/height in the annotation file"
             )

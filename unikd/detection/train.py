@@ -1,16 +1,20 @@
 """The detection engine: ``train_detector(cfg)`` trains one detector; ``evaluate_detection_checkpoint`` scores one.
 
-    cfg = load_detection_config("configs/detection/mosaics_nkd.yaml")
+    cfg = load_detection_config("configs/detection/mosaics_student.yaml")
     result = train_detector(cfg)              # or: unikd detect train CONFIG [key=value ...] [--resume]
 
-The classification engine's conventions (``unikd.train``), for torchvision detectors: the run directory holds
-``config.yaml``, ``metrics.jsonl``, ``tb/``, ``last.pt``, ``best.pt`` (best ``bbox_AP``) and ``final.json``;
-checkpoints are written atomically and hold the student detector with its optimizer, schedule, scaler, random
-state and position, so ``--resume`` continues where a run stopped (mid-epoch included), and the first Ctrl-C or
-SIGTERM stops after the current step with a resumable ``last.pt``. The loop reads top to bottom: set-up (data,
-student, teacher, optimizer, schedule, resume, DDP) -> steps -> at each evaluation point (every ``train.eval_every``
-``schedule.unit``\\ s, and at the end): COCO evaluation, then ``last.pt`` and, when it is the best, ``best.pt``;
-``last.pt`` also at the end of every epoch.
+The classification engine's conventions (``unikd.train``, ``unikd._rundir``) for torchvision detectors. The run
+directory is locked for the run and holds ``config.yaml``, ``metrics.jsonl``, ``tb/``, ``last.pt``, ``best.pt``
+(best ``bbox_AP``) and ``final.json``. Checkpoints are written atomically, ``best.pt`` before ``last.pt``, after a
+check that every parameter, buffer and optimizer slot is finite; they hold the student detector with its
+optimizer, schedule, scaler, random state and position, so ``--resume`` continues where a run stopped (mid-epoch
+included; the checkpoint set is repaired if a kill fell between the two writes, and the config must be the run's
+own but for the keys of ``SAFE_TO_CHANGE_ON_RESUME``). The first Ctrl-C or SIGTERM stops after the current step
+with a resumable ``last.pt``.
+
+The loop reads in phases: set-up (run directory, data, student, teacher, optimizer, schedule, resume, DDP) -> one
+epoch of steps -> at each evaluation point (every ``train.eval_every`` ``schedule.unit``\\ s, and at the end): COCO
+evaluation, then the checkpoints; ``last.pt`` also at the end of every epoch -> ``final.json``.
 
 Schedule: SGD, linear warm-up over ``schedule.warmup_iters`` iterations from ``lr * warmup_ratio``, then the lr is
 multiplied by ``gamma`` at each milestone; length and milestones in epochs (MMDetection 1x = 12 epochs, drops at 8
@@ -24,11 +28,13 @@ COCO metrics of ``unikd.detection.evaluate``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import sys
 import time
+import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,16 +46,19 @@ from torch.utils.data import DataLoader, Subset
 from unikd._checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    MODEL_ENTRIES,
     capture_rng_state,
     load_checkpoint,
+    non_finite_state,
     restore_rng_state,
     save_checkpoint,
 )
 from unikd._distributed import DistInfo, all_reduce, init_distributed, resolve_device
 from unikd._errors import UnikdError
-from unikd._logging import MetricsWriter, peak_memory_mb, progress_bar
+from unikd._logging import MetricsWriter, console, peak_memory_mb, progress_bar
 from unikd._optim import build_optimizer, build_scheduler
-from unikd.config import ScheduleConfig
+from unikd._rundir import BEST, FINAL, LAST, METRICS, trim_metrics, write_checkpoints, write_json
+from unikd.config import ScheduleConfig, config_changes
 from unikd.detection.config import (
     DetectionConfig,
     detection_config_from_dict,
@@ -61,54 +70,114 @@ from unikd.detection.distill import TrainableDetector
 from unikd.detection.evaluate import evaluate_detector
 from unikd.detection.models import detector_from_config, load_teacher_detector
 
-# The classification engine's loop helpers (private there; see the report on making them public).
+# The classification engine's loop helpers (private there, shared here: see docs/DETECTION.md).
 from unikd.train import (
     AMP_DTYPES,
     _determinism,
     _EpochSampler,
     _graceful_stop,
     _raise_for_signal,
+    _raise_on_any_rank,
+    _run_directory,
     _seed_everything,
     _StopRequest,
     _worker_kwargs,
     optimizer_step,
 )
 
-__all__ = ["evaluate_detection_checkpoint", "train_detector"]
+__all__ = ["RESUME_ENTRIES", "SAFE_TO_CHANGE_ON_RESUME", "evaluate_detection_checkpoint", "train_detector"]
 
 MONITOR = "bbox_AP"
+RESUME_ENTRIES = (
+    *MODEL_ENTRIES,
+    *("task", "categories", "run_id", "optimizer", "scheduler", "scaler", "epoch", "step", "steps_per_epoch"),
+    *("rng", "metrics"),
+)
+# Keys that may differ between a run and its --resume: where data and outputs live, how fast data loads, how long
+# to train, and what is logged and when. Any other difference is refused.
+SAFE_TO_CHANGE_ON_RESUME = (
+    "output_dir",
+    "data.root",
+    "data.num_workers",
+    "data.pin_memory",
+    "schedule.length",
+    "train.device",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.log_every",
+    "train.progress",
+    "train.tensorboard",
+)
+
+
+@dataclass
+class _Run:
+    """Everything one detection run holds, built by ``_set_up``; ``step`` and ``metrics`` advance as it trains."""
+
+    cfg: DetectionConfig
+    dist: DistInfo
+    device: torch.device
+    output_dir: Path
+    data: DetectionData
+    train_loader: DataLoader
+    train_sampler: _EpochSampler
+    val_loader: DataLoader
+    steps_per_epoch: int
+    total_steps: int
+    eval_period: int  # steps between evaluation points
+    student: nn.Module
+    teacher: nn.Module | None
+    model: nn.Module  # what a step calls: the TrainableDetector, wrapped in DDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    trainable_params: list[nn.Parameter]
+    run_id: str
+    step: int
+    metrics: dict  # history, best_bbox_AP, best_step, train_time_s
+    writer: MetricsWriter | None = None
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES[self.cfg.train.amp]
+
+    @property
+    def masks(self) -> bool:
+        return self.cfg.model.student.arch == "mask_rcnn"
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.cfg.model.student.arch}/{self.cfg.model.student.backbone}"
 
 
 def train_detector(cfg: DetectionConfig, *, resume: bool = False) -> dict:
     """Train ``cfg``'s student detector with ``cfg``'s method; see the module docstring for the files written.
 
-    Returns ``{"best_bbox_AP", "best_step", "last", "history"}`` (``last``: the metrics of the last evaluation;
-    ``history``: one dict per evaluation). Raises ``UnikdError`` for bad input, a run directory/resume mismatch or a
-    non-finite loss.
+    Returns ``{"best_bbox_AP", "best_step", "last", "train_time_s", "history", "run_id"}`` (``last``: the metrics
+    of the last evaluation; ``history``: one dict per evaluation). Raises ``UnikdError`` for bad input, a run
+    directory/resume mismatch, or a non-finite loss or model state.
     """
     dist_info, device, owns_process_group = init_distributed(cfg.train.device)
     try:
-        with _determinism(cfg.train.deterministic), _graceful_stop() as stop:
-            return _train(cfg, resume, dist_info, device, stop)
+        with (
+            _determinism(cfg.train.deterministic),
+            _graceful_stop() as stop,
+            _run_directory(cfg, resume, dist_info, device) as output_dir,
+        ):
+            run = _set_up(cfg, resume, output_dir, dist_info, device)
+            with run.writer:
+                for epoch in range(run.step // run.steps_per_epoch, math.ceil(run.total_steps / run.steps_per_epoch)):
+                    _train_epoch(run, epoch, stop)
+            return _finish(run)
     finally:
         if owns_process_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: DetectionConfig, resume: bool, dist_info: DistInfo, device: torch.device, stop: _StopRequest) -> dict:
-    # ---- run directory -------------------------------------------------------------------------------------------
-    output_dir = Path(cfg.output_dir)
-    last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
-    if resume and not last_path.is_file():
-        raise UnikdError(
-            f"--resume: no checkpoint {last_path} to resume from; run without --resume to start a new run there"
-        )
-    if not resume and last_path.is_file():
-        raise UnikdError(
-            f"output_dir {output_dir} already holds a run ({last_path}); pass --resume to continue it, "
-            "or choose another output_dir"
-        )
-    amp_dtype = AMP_DTYPES[cfg.train.amp]
+# ---- phase 1: set-up ---------------------------------------------------------------------------------------------
+
+
+def _set_up(cfg: DetectionConfig, resume: bool, output_dir: Path, dist_info: DistInfo, device: torch.device) -> _Run:
     if cfg.train.amp == "fp16" and device.type != "cuda":
         raise UnikdError("train.amp: 'fp16' needs CUDA (its GradScaler); on CPU use train.amp=bf16 or none")
     world = dist_info.world_size
@@ -116,17 +185,16 @@ def _train(cfg: DetectionConfig, resume: bool, dist_info: DistInfo, device: torc
         raise UnikdError(
             f"train.batch_size: {cfg.train.batch_size} does not split over {world} processes; use a multiple of {world}"
         )
+    checkpoint = _resume_checkpoint(cfg, output_dir, dist_info, device) if resume else None
     if dist_info.is_main:
         save_detection_config(cfg, output_dir / "config.yaml")
 
-    # ---- data ----------------------------------------------------------------------------------------------------
-    masks = cfg.model.student.arch == "mask_rcnn"
+    # Data. The dropped-box counts are shown once, not once per rank.
     with warnings.catch_warnings():
-        if not dist_info.is_main:  # the dropped-box counts once, not once per rank
+        if not dist_info.is_main:
             warnings.simplefilter("ignore")
-        data = build_detection_data(cfg.data, masks=masks)
+        data = build_detection_data(cfg.data, masks=cfg.model.student.arch == "mask_rcnn")
     train_loader, train_sampler = _train_loader(cfg, data, dist_info, device)
-    val_loader = _val_loader(cfg, data, dist_info, device)
     steps_per_epoch = min(len(train_loader), cfg.train.max_steps_per_epoch or len(train_loader))
     if steps_per_epoch == 0:
         raise UnikdError(
@@ -134,185 +202,292 @@ def _train(cfg: DetectionConfig, resume: bool, dist_info: DistInfo, device: torc
             "boxes); lower it"
         )
     unit_steps = steps_per_epoch if cfg.schedule.unit == "epoch" else 1  # steps per schedule unit
-    total_steps = cfg.schedule.length * unit_steps
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    eval_period = cfg.train.eval_every * unit_steps
-    per_rank_batch = cfg.train.batch_size // world
 
-    # ---- student, teacher ----------------------------------------------------------------------------------------
-    _seed_everything(cfg.train.seed)  # the student's initialisation depends on the seed only: paired runs
+    # Student, teacher. The student's initialisation depends on the seed only: paired runs across methods.
+    _seed_everything(cfg.train.seed)
     student = detector_from_config(cfg.model.student, data.num_classes, cfg.data)
     trainable = TrainableDetector(student, cfg.method.name, **cfg.method.params).to(device)
     teacher = None
     if trainable.needs_teacher:
         teacher = load_teacher_detector(cfg.model.teacher, data.categories, cfg.data).to(device)
 
-    # ---- optimizer, schedule, AMP --------------------------------------------------------------------------------
     optimizer = build_optimizer(trainable, cfg.optim)
-    scheduler = build_scheduler(
-        optimizer, _step_schedule(cfg, unit_steps), cfg.optim.lr, cfg.schedule.length, unit_steps
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    trainable_params = [p for p in trainable.parameters() if p.requires_grad]
-
-    # ---- resume --------------------------------------------------------------------------------------------------
-    step = 0
-    run_metrics = {"history": [], "best_bbox_AP": None, "best_step": None, "train_time_s": 0.0}
-    checkpoint = None
-    model_name = f"{cfg.model.student.arch}/{cfg.model.student.backbone}"
-    if resume:
-        checkpoint = load_checkpoint(last_path)
-        if checkpoint.get("task") != "detection" or checkpoint["model_name"] != model_name:
-            raise UnikdError(
-                f"--resume: {last_path} holds a {checkpoint.get('task', 'classification')} run of "
-                f"{checkpoint['model_name']}, but the config asks for a {model_name}; resume with the run's own "
-                f"config ({output_dir / 'config.yaml'})"
-            )
-        if checkpoint["num_classes"] != data.num_classes or checkpoint["steps_per_epoch"] != steps_per_epoch:
-            raise UnikdError(
-                f"--resume: {last_path} was trained with {checkpoint['num_classes']} categories and "
-                f"{checkpoint['steps_per_epoch']} steps per epoch, this config gives {data.num_classes} and "
-                f"{steps_per_epoch}; resume with the run's own config ({output_dir / 'config.yaml'}) and world size"
-            )
-        student.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        step, run_metrics = checkpoint["step"], checkpoint["metrics"]
-
-    # ---- distributed wrapping ------------------------------------------------------------------------------------
+    schedule = _step_schedule(cfg, unit_steps)
+    scheduler = build_scheduler(optimizer, schedule, cfg.optim.lr, cfg.schedule.length, unit_steps)
     model: nn.Module = trainable
     if dist_info.is_distributed:
         model = DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def make_checkpoint() -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "task": "detection",
-            "model_name": model_name,
-            "num_classes": data.num_classes,
-            "categories": data.categories,
-            "model": student.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": step // steps_per_epoch,
-            "step": step,
-            "steps_per_epoch": steps_per_epoch,
-            "rng": capture_rng_state(),
-            "config": detection_config_to_dict(cfg),
-            "metrics": run_metrics,
-        }
-
-    def evaluate_and_checkpoint(epoch: int) -> None:
-        """Evaluation point: COCO metrics, then last.pt and (when it is the best so far) best.pt, in this order."""
-        metrics = evaluate_detector(
-            student,
-            val_loader,
-            data.val_ground_truth,
-            data.label_to_category,
-            device,
-            image_ids=data.val_image_ids,
-            iou_types=("bbox", "segm") if masks else ("bbox",),
-            amp_dtype=amp_dtype,
-        )
-        record = {"split": "val", "step": step, "epoch": epoch, **metrics}
-        record.update(train_time_s=run_metrics["train_time_s"], peak_mem_mb=peak_memory_mb(device))
-        metrics_writer.write(record)
-        run_metrics["history"].append({k: v for k, v in record.items() if k != "split"})
-        is_best = run_metrics["best_bbox_AP"] is None or metrics[MONITOR] > run_metrics["best_bbox_AP"]
-        if is_best:
-            run_metrics["best_bbox_AP"], run_metrics["best_step"] = metrics[MONITOR], step
-        if dist_info.is_main:
-            state = make_checkpoint()
-            save_checkpoint(state, last_path)
-            if is_best:
-                save_checkpoint(state, best_path)
-
+    run = _Run(
+        cfg=cfg,
+        dist=dist_info,
+        device=device,
+        output_dir=output_dir,
+        data=data,
+        train_loader=train_loader,
+        train_sampler=train_sampler,
+        val_loader=_val_loader(cfg, data, dist_info, device),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=cfg.schedule.length * unit_steps,
+        eval_period=cfg.train.eval_every * unit_steps,
+        student=student,
+        teacher=teacher,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"),
+        trainable_params=[p for p in trainable.parameters() if p.requires_grad],
+        run_id=uuid.uuid4().hex,
+        step=0,
+        metrics={"history": [], "best_bbox_AP": None, "best_step": None, "train_time_s": 0.0},
+    )
+    if checkpoint is not None:
+        _restore(run, checkpoint)
+    if dist_info.is_main and checkpoint is not None:
+        trim_metrics(output_dir / METRICS, run.step, sys.maxsize)  # evaluations are re-logged by step only
     # Training randomness (flips, RoI sampling) starts from the seed after everything is built, the same across
     # methods; each rank its own stream. A resume restores it instead.
     _seed_everything(cfg.train.seed + dist_info.rank)
     if checkpoint is not None:
         restore_rng_state(checkpoint["rng"])
+    run.writer = MetricsWriter(output_dir, enabled=dist_info.is_main, tensorboard=cfg.train.tensorboard)
+    return run
 
-    # ---- the loop ------------------------------------------------------------------------------------------------
-    metrics_writer = MetricsWriter(output_dir, enabled=dist_info.is_main, tensorboard=cfg.train.tensorboard)
-    with metrics_writer:
-        for epoch in range(step // steps_per_epoch, num_epochs):
-            batches_done = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
-            epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-            train_sampler.set_epoch(epoch)
-            train_sampler.start = batches_done * per_rank_batch
-            model.train()
-            bar = progress_bar(epoch_steps, batches_done, f"epoch {epoch}", cfg.train.progress and dist_info.is_main)
-            window: dict[str, torch.Tensor] = {}
-            window_steps, window_start = 0, time.perf_counter()
-            batches = iter(train_loader)
-            for batch_index in range(batches_done, epoch_steps):
-                step_start = time.perf_counter()
-                images, targets = next(batches)
-                images = [image.to(device, non_blocking=True) for image in images]
-                targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    terms = model(images, targets, teacher)
-                loss = sum(terms.values())
 
-                # One check per step, agreed by all ranks, before the backward pass (as in unikd.train).
-                stop_requested = stop.signum is not None
-                if cfg.train.nan_check or dist_info.is_distributed:
-                    flags = torch.stack([~torch.isfinite(loss.detach()), torch.tensor(stop_requested, device=device)])
-                    flags = flags.float()
-                    flags = all_reduce(flags, op="max").tolist() if dist_info.is_distributed else flags.tolist()
-                    if cfg.train.nan_check and flags[0]:
-                        raise UnikdError(_non_finite_message(terms, step + 1, epoch, last_path))
-                    stop_requested = bool(flags[1])
-
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer_step(loss, optimizer, scaler, trainable_params, cfg.optim.clip_grad_norm)
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                run_metrics["train_time_s"] += time.perf_counter() - step_start
-
-                for name, value in terms.items():
-                    window[name] = window.get(name, 0.0) + value.detach().float()
-                window_steps += 1
-                if step % cfg.train.log_every == 0 or batch_index == epoch_steps - 1:
-                    names = [*window, "loss"]
-                    sums = torch.stack([*window.values(), sum(window.values())])
-                    means = (all_reduce(sums) / (world * window_steps)).tolist()
-                    images_per_s = window_steps * cfg.train.batch_size / (time.perf_counter() - window_start)
-                    record = {"split": "train", "step": step, "epoch": epoch, "lr": lr, **dict(zip(names, means))}
-                    record["images_per_s"] = images_per_s
-                    metrics_writer.write(record)
-                    bar.set_postfix({**dict(zip(names, means)), "lr": lr, "img/s": images_per_s}, refresh=False)
-                    window, window_steps, window_start = {}, 0, time.perf_counter()
-
-                if stop_requested:
-                    if dist_info.is_main:
-                        save_checkpoint(make_checkpoint(), last_path)
-                    bar.close()
-                    _raise_for_signal(stop.signum, last_path, dist_info.is_main)
-                if step % eval_period == 0 or step == total_steps:
-                    bar.clear()
-                    evaluate_and_checkpoint(epoch)
-                    model.train()
-            bar.close()
-            if step % eval_period and dist_info.is_main:  # end of an epoch between evaluation points
-                save_checkpoint(make_checkpoint(), last_path)
-
-    # ---- done ----------------------------------------------------------------------------------------------------
-    history = run_metrics["history"]
-    result = {
-        "best_bbox_AP": run_metrics["best_bbox_AP"],
-        "best_step": run_metrics["best_step"],
-        "last": history[-1] if history else None,
-        "train_time_s": run_metrics["train_time_s"],
-        "history": history,
-    }
+def _resume_checkpoint(cfg: DetectionConfig, output_dir: Path, dist_info: DistInfo, device: torch.device) -> dict:
+    """``last.pt`` after rank 0 repaired the checkpoint set; raises when the config differs but in safe keys."""
+    error = None
     if dist_info.is_main:
-        (output_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            checkpoint = _reconcile_checkpoints(output_dir)
+        except UnikdError as caught:
+            error = caught
+    _raise_on_any_rank(error, dist_info, device)  # also waits for rank 0's repair
+    if not dist_info.is_main:
+        checkpoint = load_checkpoint(output_dir / LAST, RESUME_ENTRIES)
+    with warnings.catch_warnings():  # the stored config's own warnings were shown when it was first loaded
+        warnings.simplefilter("ignore")
+        stored = detection_config_to_dict(detection_config_from_dict(checkpoint["config"], check_files=False))
+    changes = config_changes(stored, detection_config_to_dict(cfg))
+    refused = {key: change for key, change in changes.items() if key not in SAFE_TO_CHANGE_ON_RESUME}
+    if refused:
+        listing = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        raise UnikdError(
+            f"--resume: the config differs from the one {output_dir / LAST} was trained with: {listing}. Only "
+            f"{', '.join(SAFE_TO_CHANGE_ON_RESUME)} may change on resume; resume with the run's config "
+            f"({output_dir / 'config.yaml'}), or start a new run in another output_dir"
+        )
+    return checkpoint
+
+
+def _reconcile_checkpoints(output_dir: Path) -> dict:
+    """``unikd._rundir.reconcile_checkpoints``'s repair, for evaluation points counted in steps: ``write_checkpoints``
+    writes best.pt then last.pt (the same dict), so a kill between them leaves best.pt ahead, and last.pt is rolled
+    forward; a best.pt that is not the step ``last.pt`` records as the best is restored from last.pt when last.pt is
+    that step, and refused otherwise."""
+    last_path, best_path = output_dir / LAST, output_dir / BEST
+    last = load_checkpoint(last_path, RESUME_ENTRIES)
+    if last.get("task") != "detection":
+        raise UnikdError(f"--resume: {last_path} is a classification checkpoint; resume it with 'unikd train --resume'")
+    best = load_checkpoint(best_path, RESUME_ENTRIES) if best_path.is_file() else None
+    if best is not None and best["run_id"] != last["run_id"]:
+        raise UnikdError(
+            f"--resume: {best_path} belongs to another run than {last_path} (run ids {best['run_id']} and "
+            f"{last['run_id']}); move one of them away"
+        )
+    if best is not None and best["step"] > last["step"]:
+        save_checkpoint(best, last_path)
+        console(f"unikd: resume: {last_path} was behind {best_path} (stopped between the two); continuing from it")
+        return best
+    best_step = last["metrics"]["best_step"]
+    if best_step is not None and (best is None or best["step"] != best_step):
+        if last["step"] != best_step:
+            found = "is missing" if best is None else f"holds step {best['step']}"
+            raise UnikdError(
+                f"--resume: {best_path} {found}, but {last_path} records step {best_step} as the best; restore "
+                "best.pt, or start a new run"
+            )
+        save_checkpoint(last, best_path)
+        console(f"unikd: resume: {best_path} did not hold the best step {best_step}; restored it from {last_path}")
+    return last
+
+
+def _restore(run: _Run, checkpoint: dict) -> None:
+    if checkpoint["model_name"] != run.model_name or checkpoint["categories"] != run.data.categories:
+        raise UnikdError(
+            f"--resume: {run.output_dir / LAST} holds a {checkpoint['model_name']} for {checkpoint['num_classes']} "
+            f"categories, but the data and config give a {run.model_name} for {run.data.num_classes}; resume with the "
+            f"run's own config and data"
+        )
+    if checkpoint["steps_per_epoch"] != run.steps_per_epoch:
+        raise UnikdError(
+            f"--resume: {run.output_dir / LAST} was trained with {checkpoint['steps_per_epoch']} steps per epoch, "
+            f"this run gives {run.steps_per_epoch} (another world size, batch size or training set?); resume with "
+            "the run's own setting"
+        )
+    if run.total_steps < checkpoint["step"]:
+        raise UnikdError(
+            f"schedule.length: {run.cfg.schedule.length} {run.cfg.schedule.unit}s is fewer than the "
+            f"{checkpoint['step']} steps the run in {run.output_dir} has trained; pass a larger schedule.length"
+        )
+    run.student.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    run.run_id, run.step, run.metrics = checkpoint["run_id"], checkpoint["step"], checkpoint["metrics"]
+
+
+# ---- phase 2: one epoch of steps ---------------------------------------------------------------------------------
+
+
+def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> None:
+    cfg = run.cfg
+    batches_done = run.step - epoch * run.steps_per_epoch  # > 0 only when resuming mid-epoch
+    epoch_steps = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
+    run.train_sampler.set_epoch(epoch)
+    run.train_sampler.start = batches_done * (cfg.train.batch_size // run.dist.world_size)
+    run.model.train()
+    bar = progress_bar(epoch_steps, batches_done, f"epoch {epoch}", cfg.train.progress and run.dist.is_main)
+    window: dict[str, torch.Tensor] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    batches = iter(run.train_loader)
+    for batch_index in range(batches_done, epoch_steps):
+        step_start = time.perf_counter()
+        terms, lr, stop_requested = _train_step(run, next(batches), epoch, stop)
+        run.metrics["train_time_s"] += time.perf_counter() - step_start
+        bar.update(1)
+        for name, value in terms.items():
+            window[name] = window.get(name, 0.0) + value.detach().float()
+        window_steps += 1
+        if run.step % cfg.train.log_every == 0 or batch_index == epoch_steps - 1:
+            means = _log_train_window(run, epoch, lr, window, window_steps, time.perf_counter() - window_start)
+            bar.set_postfix(means, refresh=False)
+            window, window_steps, window_start = {}, 0, time.perf_counter()
+        if stop_requested:
+            if run.dist.is_main:
+                _save(run, epoch, is_best=False)
+            bar.close()
+            _raise_for_signal(stop.signum, run.output_dir / LAST, run.dist.is_main)
+        if run.step % run.eval_period == 0 or run.step == run.total_steps:
+            bar.clear()
+            _evaluate_and_checkpoint(run, epoch)
+            run.model.train()
+    bar.close()
+    if run.step % run.eval_period and run.step < run.total_steps and run.dist.is_main:
+        _save(run, epoch + 1, is_best=False)  # the end of an epoch between evaluation points
+
+
+def _train_step(run: _Run, batch, epoch: int, stop: _StopRequest) -> tuple[dict[str, torch.Tensor], float, bool]:
+    """One optimizer step; returns the loss terms, the lr it used and whether any rank asked to stop."""
+    device = run.device
+    images = [image.to(device, non_blocking=True) for image in batch[0]]
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in batch[1]]
+    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        terms = run.model(images, targets, run.teacher)
+    loss = sum(terms.values())
+    # One check per step, agreed by all ranks, before the backward pass (as in unikd.train).
+    stop_requested = stop.signum is not None
+    if run.cfg.train.nan_check or run.dist.is_distributed:
+        flags = torch.stack([~torch.isfinite(loss.detach()), torch.tensor(stop_requested, device=device)]).float()
+        flags = all_reduce(flags, op="max").tolist() if run.dist.is_distributed else flags.tolist()
+        if run.cfg.train.nan_check and flags[0]:
+            raise UnikdError(_non_finite_message(terms, run.step + 1, epoch, run.output_dir / LAST))
+        stop_requested = bool(flags[1])
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses (logged)
+    optimizer_step(loss, run.optimizer, run.scaler, run.trainable_params, run.cfg.optim.clip_grad_norm)
+    run.scheduler.step()
+    run.step += 1
+    return terms, lr, stop_requested
+
+
+def _log_train_window(run: _Run, epoch: int, lr: float, window: dict, steps: int, seconds: float) -> dict:
+    names = [*window, "loss"]
+    sums = torch.stack([*window.values(), sum(window.values())])
+    means = dict(zip(names, (all_reduce(sums) / (run.dist.world_size * steps)).tolist()))
+    images_per_s = steps * run.cfg.train.batch_size / seconds
+    run.writer.write(
+        {"split": "train", "step": run.step, "epoch": epoch, "lr": lr, **means, "images_per_s": images_per_s}
+    )
+    return {**means, "lr": lr, "img/s": images_per_s}
+
+
+# ---- phase 3: evaluation points and checkpoints ------------------------------------------------------------------
+
+
+def _evaluate_and_checkpoint(run: _Run, epoch: int) -> None:
+    """COCO metrics, then best.pt (when it is the best so far) and last.pt, in ``write_checkpoints``' order."""
+    metrics = evaluate_detector(
+        run.student,
+        run.val_loader,
+        run.data.val_ground_truth,
+        run.data.label_to_category,
+        run.device,
+        image_ids=run.data.val_image_ids,
+        iou_types=("bbox", "segm") if run.masks else ("bbox",),
+        amp_dtype=run.amp_dtype,
+    )
+    record = {"split": "val", "step": run.step, "epoch": epoch, **metrics}
+    record.update(train_time_s=run.metrics["train_time_s"], peak_mem_mb=peak_memory_mb(run.device))
+    run.writer.write(record)
+    run.metrics["history"].append({key: value for key, value in record.items() if key != "split"})
+    is_best = run.metrics["best_bbox_AP"] is None or metrics[MONITOR] > run.metrics["best_bbox_AP"]
+    if is_best:
+        run.metrics["best_bbox_AP"], run.metrics["best_step"] = metrics[MONITOR], run.step
+    if run.dist.is_main:
+        _save(run, epoch + (run.step % run.steps_per_epoch == 0), is_best=is_best)
+
+
+def _save(run: _Run, epoch: int, *, is_best: bool) -> None:
+    """Write the checkpoint set after checking that the model state is finite (rank 0; ``epoch``: in progress)."""
+    bad = non_finite_state({"student": run.student}, run.optimizer)
+    if bad:
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        last = run.output_dir / LAST
+        kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
+        raise UnikdError(
+            f"non-finite model state at step {run.step}: {names}; not saved, {kept}. Lower optim.lr, lengthen "
+            "schedule.warmup_iters or set optim.clip_grad_norm"
+        )
+    write_checkpoints(run.output_dir, _checkpoint(run, epoch), is_best=is_best)
+
+
+def _checkpoint(run: _Run, epoch: int) -> dict:
+    """The checkpoint dict (unikd._checkpoint's format, ``task: detection``) of the run as it stands."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "task": "detection",
+        "run_id": run.run_id,
+        "model_name": run.model_name,
+        "num_classes": run.data.num_classes,
+        "categories": run.data.categories,
+        "model": run.student.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "step": run.step,
+        "steps_per_epoch": run.steps_per_epoch,
+        "rng": capture_rng_state(),
+        "config": detection_config_to_dict(run.cfg),
+        "metrics": run.metrics,
+    }
+
+
+# ---- phase 4: done -----------------------------------------------------------------------------------------------
+
+
+def _finish(run: _Run) -> dict:
+    history = run.metrics["history"]
+    result = {
+        "best_bbox_AP": run.metrics["best_bbox_AP"],
+        "best_step": run.metrics["best_step"],
+        "last": history[-1] if history else None,
+        "train_time_s": run.metrics["train_time_s"],
+        "history": history,
+        "run_id": run.run_id,
+    }
+    if run.dist.is_main:
+        write_json(run.output_dir / FINAL, result)
     return result
 
 
@@ -321,7 +496,7 @@ def evaluate_detection_checkpoint(path: str | os.PathLike, overrides: list[str] 
 
     ``overrides`` apply to the checkpoint's config (e.g. ``data.root=DIR``, ``train.device=cpu``).
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, (*MODEL_ENTRIES, "categories"))
     if checkpoint.get("task") != "detection":
         raise UnikdError(f"{path} is a classification checkpoint; evaluate it with 'unikd eval'")
     cfg = detection_config_from_dict(checkpoint["config"], overrides, check_files=False)
