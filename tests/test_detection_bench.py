@@ -14,14 +14,18 @@ from unikd.detection.bench import PROFILES, DetectionProfile, Variant, run_detec
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
-def toy_profile(fashion_mnist_root) -> DetectionProfile:
-    classifier = (
+def toy_classifier(fashion_mnist_root) -> tuple[str, ...]:
+    return (
         f"data.root={fashion_mnist_root}",
         "model.student=timm/resnet18",
         "model.student_kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
         *("train.epochs=1", "train.batch_size=32", "data.train_subset=64", "data.val_subset=32"),
         *("data.num_workers=0", "train.progress=false", "train.tensorboard=false"),
     )
+
+
+def toy_profile(fashion_mnist_root) -> DetectionProfile:
+    classifier = toy_classifier(fashion_mnist_root)
     return DetectionProfile(
         description="toy",
         mosaics={"fashion_mnist_root": fashion_mnist_root, "num_train": 12, "num_val": 4, "canvas": 64},
@@ -64,6 +68,33 @@ def test_a_toy_bench_writes_paired_results_overhead_and_plots_and_reruns_from_ca
     again = run_detection_bench("toy", out, profile=profile, methods=["nkd"], seeds=[0], log=log.append)
     assert (out / "runs" / "nkd-s0" / "final.json").stat().st_mtime_ns == stamp  # finished: not trained again
     assert [row["variant"] for row in again["summary"]] == ["baseline", "nkd"]  # the reference always comes along
+    with pytest.raises(UnikdError, match=r"--resume: the config differs .* optim.lr 0.01 -> 0.02"):
+        run_detection_bench("toy", out, profile=profile, overrides=["optim.lr=0.02"], log=log.append)
+
+
+@pytest.mark.slow
+def test_a_toy_table_7_bench_compares_mask_rcnn_on_plain_and_uskd_pretrained_backbones(tmp_path, fashion_mnist_idx):  # noqa: F811
+    shipped = PROFILES["mosaics-uskd-backbone"]
+    profile = DetectionProfile(
+        description="toy Table 7",
+        mosaics={"fashion_mnist_root": fashion_mnist_idx, "num_train": 12, "num_val": 4, "canvas": 64},
+        backbones={
+            name: (config, toy_classifier(fashion_mnist_idx)) for name, (config, _) in shipped.backbones.items()
+        },
+        student_config=shipped.student_config,
+        variants=shipped.variants,
+        seeds=(0,),
+        overrides=(*TINY, "schedule.length=2", "schedule.milestones=[1]", "train.eval_every=2"),
+    )
+    results = run_detection_bench("toy-table7", tmp_path, profile=profile, log=lambda message: None)
+    assert [row["variant"] for row in results["summary"]] == ["plain", "uskd"]
+    assert {"segm_AP", "bbox_AR"} <= set(results["summary"][1]) and results["overhead"] is None
+    uskd_backbone = (tmp_path / "backbones" / "uskd" / "metrics.jsonl").read_text()
+    assert (
+        "loss_uskd" in uskd_backbone
+        and "loss_uskd" not in (tmp_path / "backbones" / "plain" / "metrics.jsonl").read_text()
+    )
+    assert "| uskd | " in (tmp_path / "results.md").read_text() and "mask AP" in (tmp_path / "results.md").read_text()
 
 
 def test_the_shipped_profiles_and_a_wrong_name():

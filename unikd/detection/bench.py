@@ -7,13 +7,13 @@
 A profile makes the mosaics (``OUT/data``, cached by their parameters), pretrains the backbones it needs as
 Fashion-MNIST classifiers with the classification engine (``OUT/backbones/<name>``, as ImageNet pretraining is to
 COCO), trains the teacher detector once (``OUT/teacher``), then every (variant, seed) student
-(``OUT/runs/<variant>-s<seed>``). A finished run (``final.json``) is not redone and an interrupted one resumes, so a
-killed bench continues where it stopped. Seeds are paired: the same seed gives every variant the same student
+(``OUT/runs/<variant>-s<seed>``). A finished run with the same config is not redone and an interrupted one resumes,
+so a killed bench continues where it stopped. Seeds are paired: the same seed gives every variant the same student
 initialisation (the same pretrained backbone and seeded heads), data order and flips, so the per-seed AP difference
 to the first variant (the reference) cancels most of the seed-to-seed noise; the table gives it next to the mean +-
 std. For profiles with a teacher, the step-time overhead of each distillation term is measured side by side in this
 process: every variant's training step (forward, backward, SGD) on the same batches, interleaved, median of the
-timed steps, as a ratio to the reference step.
+timed steps, as a ratio to the reference step (the ratio includes the teacher's forward pass, the bulk of it).
 
 Outputs: ``results.json`` (every run's evaluations, the summary, the overhead), ``results.md`` (the table),
 ``curves.png`` (validation box AP over training steps) and ``bars.png`` (final box AP +- std).
@@ -260,14 +260,21 @@ def run_detection_bench(
 
 
 def run_detection(config: str, overrides: list[str], output_dir: Path, method_section: dict | None = None) -> dict:
-    """Train one detection run unless it has finished (``final.json``); resume it if it was interrupted."""
+    """Train one detection run, unless ``output_dir`` holds it finished with the same config (then return its
+    ``final.json``). An interrupted run, or a finished one asked for a longer schedule, resumes; any other config
+    change is refused by the trainer's resume check with the differing keys."""
+    from unikd.config import config_changes
+    from unikd.detection.config import detection_config_to_dict, load_detection_config
     from unikd.detection.train import train_detector
 
-    final = output_dir / "final.json"
-    if final.is_file():
-        return json.loads(final.read_text())
     cfg = _detection_config(config, overrides, output_dir, method_section)
-    return train_detector(cfg, resume=(output_dir / "last.pt").is_file())
+    final, stored = output_dir / "final.json", output_dir / "config.yaml"
+    if final.is_file() and stored.is_file():
+        previous = load_detection_config(stored, check_files=False)
+        if not config_changes(detection_config_to_dict(previous), detection_config_to_dict(cfg)):
+            return json.loads(final.read_text())
+    started = (output_dir / "last.pt").is_file() or (output_dir / "best.pt").is_file()
+    return train_detector(cfg, resume=started)
 
 
 def measure_step_overhead(configs: dict, steps: int, warmup: int = 2) -> dict[str, dict]:
