@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -353,7 +354,7 @@ def test_a_write_that_torch_reports_without_errno_is_disk_full_when_the_disk_is(
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # torch on ENOSPC
 
     monkeypatch.setattr(torch, "save", failing_save)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 0))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=100, used=100, free=0))
     with pytest.raises(UnikdError, match=r"^disk full: could not write .*last\.pt \(0 MiB free\); the previous"):
         save_checkpoint({"step": 2}, tmp_path / "last.pt")
     assert list(tmp_path.iterdir()) == []

@@ -174,9 +174,12 @@ def reconcile_checkpoints(
     (a file copied in from another run, a deleted ``best.pt``).
     """
     last_path, best_path = path / LAST, path / BEST
+    notes = []
+    if not last_path.is_file() and best_path.is_file():  # stopped between the two writes of the first epoch
+        _copy(best_path, last_path)
+        notes.append(f"{last_path} was missing (the run stopped right after writing {best_path}); restored it")
     last = load(last_path)
     best = load(best_path) if best_path.is_file() else None
-    notes = []
     if best is not None and best["run_id"] == last["run_id"] and best["step"] > last["step"]:
         _copy(best_path, last_path)
         notes.append(

@@ -159,6 +159,8 @@ class _Run:
     metrics: dict  # history, best_top1, best_epoch, teacher_top1, epoch_train_time_s (of a mid-epoch checkpoint)
     writer: MetricsWriter | None = None
     trainable_params: list[nn.Parameter] = field(default_factory=list)
+    resumed: bool = False
+    safe_changes: dict[str, tuple] = field(default_factory=dict)  # config keys a resume changed, all safe ones
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -197,11 +199,15 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             _run_directory(cfg, resume, dist_info, device) as output_dir,
         ):
             run = _set_up(cfg, resume, output_dir, dist_info, device)
-            with run.writer:
-                for epoch in range(run.start_epoch, cfg.train.epochs):
-                    stats = _train_epoch(run, epoch, stop)
-                    _end_epoch(run, epoch, stats)
-            return _finish(run)
+            try:
+                _open_logs(run)
+                with run.writer:
+                    for epoch in range(run.start_epoch, cfg.train.epochs):
+                        stats = _train_epoch(run, epoch, stop)
+                        _end_epoch(run, epoch, stats)
+                return _finish(run)
+            finally:
+                _stop_data_workers(run.train_loader, run.val_loader)
     finally:
         if owns_process_group:
             dist.destroy_process_group()
@@ -288,8 +294,7 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
     )  # fmt: skip
     if checkpoint is not None:
         _restore(run, checkpoint)
-    elif teacher is not None:  # measured once per run; a resume reads it from the checkpoint
-        run.metrics["teacher_top1"] = evaluate(teacher, val_loader, device, amp_dtype=run.amp_dtype)["top1"]
+    run.resumed, run.safe_changes = checkpoint is not None, safe_changes
     _wrap_model(run, trainable)
 
     # Training randomness (dropout, augmentations drawn in this process) starts from the seed after everything is
@@ -297,7 +302,6 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
     _seed_everything(cfg.train.seed + dist_info.rank)
     if checkpoint is not None:
         restore_rng_state(checkpoint["rng"])
-    _open_logs(run, resumed=checkpoint is not None, safe_changes=safe_changes)
     return run
 
 
@@ -333,11 +337,11 @@ def _resume_checkpoint(
             f"{', '.join(SAFE_TO_CHANGE_ON_RESUME)} may change on resume; resume with the run's config "
             f"({output_dir / CONFIG}), or start a new run in another output_dir"
         )
-    epochs_needed = checkpoint["epoch"] + checkpoint["mid_epoch"]
+    epochs_needed = checkpoint["epoch"] + checkpoint["mid_epoch"]  # the epochs done, and the one in progress
     if cfg.train.epochs < epochs_needed:
         raise UnikdError(
-            f"train.epochs: {cfg.train.epochs}, but the run in {output_dir} has already started epoch "
-            f"{epochs_needed - 1}; pass train.epochs={epochs_needed} or more"
+            f"train.epochs: {cfg.train.epochs} is fewer than the {epochs_needed} epochs the run in {output_dir} has "
+            f"trained or started; pass train.epochs={epochs_needed} or more"
         )
     return checkpoint, changes
 
@@ -397,9 +401,12 @@ def _wrap_model(run: _Run, trainable: TrainableModules) -> None:
         run.model, run.eval_model = torch.compile(run.model), torch.compile(run.student)
 
 
-def _open_logs(run: _Run, *, resumed: bool, safe_changes: dict[str, tuple]) -> None:
-    """Write config.yaml, drop metrics a resume will log again, open the writers, print the header."""
-    cfg, output_dir = run.cfg, run.output_dir
+def _open_logs(run: _Run) -> None:
+    """Measure the teacher (once per run), write config.yaml, drop the metrics a resume will log again, open the
+    writers, print the header and any resume changes."""
+    cfg, output_dir, resumed = run.cfg, run.output_dir, run.resumed
+    if run.teacher is not None and not resumed:  # a resume reads it from the checkpoint
+        run.metrics["teacher_top1"] = evaluate(run.teacher, run.val_loader, run.device, amp_dtype=run.amp_dtype)["top1"]
     if run.dist.is_main:
         write_text(output_dir / CONFIG, dump_config(cfg))
         trim_metrics(output_dir / METRICS, run.step, run.start_epoch)
@@ -409,10 +416,10 @@ def _open_logs(run: _Run, *, resumed: bool, safe_changes: dict[str, tuple]) -> N
         output_dir, enabled=run.dist.is_main, tensorboard=cfg.train.tensorboard, purge_step=run.step + 1
     )
     _print_header(run, resumed)
-    if safe_changes:
-        for key, (old, new) in safe_changes.items():
+    if run.safe_changes:
+        for key, (old, new) in run.safe_changes.items():
             run.say(f"unikd: resume: {key} {old!r} -> {new!r}")
-        changed = {key: [old, new] for key, (old, new) in safe_changes.items()}
+        changed = {key: [old, new] for key, (old, new) in run.safe_changes.items()}
         run.writer.write({"split": "resume", "step": run.step, "epoch": run.start_epoch, "changed": changed})
 
 
@@ -733,7 +740,10 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] = ()) -> d
     bundle = build_datasets(cfg.data)
     student = student_from_checkpoint(checkpoint, cfg, bundle, path)
     loader = _eval_loader(cfg, bundle.val, DistInfo(), device)
-    scores = evaluate(student.to(device), loader, device, amp_dtype=AMP_DTYPES[cfg.train.amp])
+    try:
+        scores = evaluate(student.to(device), loader, device, amp_dtype=AMP_DTYPES[cfg.train.amp])
+    finally:
+        _stop_data_workers(loader)
     details = {"split": "val", "images": len(bundle.val), "dataset": cfg.data.name}
     return {**scores, **details, "model_name": checkpoint["model_name"]}
 
@@ -799,7 +809,9 @@ def _eval_loader(cfg: Config, dataset, dist_info: DistInfo, device: torch.device
     if dist_info.is_distributed:
         dataset = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
     batch_size = max(1, cfg.train.eval_batch_size // dist_info.world_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **_worker_kwargs(cfg, device))
+    # Its own generator: iterating a loader draws a seed, which must not come from (and shift) the training stream.
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=generator, **_worker_kwargs(cfg, device))
 
 
 def _worker_kwargs(cfg: Config, device: torch.device) -> dict:
@@ -810,6 +822,17 @@ def _worker_kwargs(cfg: Config, device: torch.device) -> dict:
         "persistent_workers": workers > 0,
         "worker_init_fn": _ignore_stop_signals if workers > 0 else None,
     }
+
+
+def _stop_data_workers(*loaders: DataLoader) -> None:
+    """Shut down the loaders' persistent workers now. They ignore SIGTERM (see ``_ignore_stop_signals``), so if an
+    error left them running, multiprocessing's exit handler, which stops daemon processes with SIGTERM, would wait
+    for them forever."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
