@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -12,17 +13,28 @@ import yaml
 
 from unikd import ConfigError, UnikdError
 from unikd.config import (
+    SAFE_TO_CHANGE_ON_RESUME,
     Config,
     MethodConfig,
     ModelConfig,
     check_teacher_num_classes,
+    config_changes,
+    config_for_checkpoint,
     config_from_dict,
     config_to_dict,
     dump_config,
     load_config,
     save_config,
 )
-from unikd.methods import METHODS, method_defaults
+from unikd.methods import (
+    HYPERPARAMETER_BOUNDS,
+    METHODS,
+    Bounds,
+    Method,
+    create_method,
+    hyperparameter_types,
+    method_defaults,
+)
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 TEACHER = ["method.name=kd", "model.teacher=cifar/resnet20"]
@@ -301,3 +313,114 @@ def test_teacher_num_classes_is_not_guessed_from_plain_weights(tmp_path):
     torch.save({"fc.weight": torch.zeros(10, 4)}, checkpoint)
     check_teacher_num_classes(ModelConfig(teacher="cifar/resnet20", teacher_checkpoint=str(checkpoint)), 100)
     check_teacher_num_classes(ModelConfig(), 100)  # no teacher
+
+
+# ---- hyper-parameters are checked up front, for every method --------------------------------------------------
+
+
+class _Toy(Method):
+    """A method as a new file would add it: a Literal choice, a bounded name, an unlisted float, a plain str."""
+
+    name = "toy"
+
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int | None = None,
+        *,
+        mode: Literal["fast", "exact"] = "fast",
+        temperature: float = 1.0,
+        spice: float = 0.5,
+        label: str = "x",
+    ) -> None:
+        super().__init__(num_classes, feature_dim)
+
+
+@pytest.fixture
+def toy_method(monkeypatch):
+    monkeypatch.setitem(METHODS, "toy", _Toy)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.mode=slow", "method.mode: 'slow' is not one of exact, fast"),
+        ("method.mode=exac", "method.mode: 'exac' is not one of exact, fast (did you mean 'exact'?)"),
+        ("method.mode=1", "method.mode: expected str, got 1"),
+        ("method.temperature=0", "method.temperature: must be > 0 for method 'toy', got 0.0"),
+        ("method.temperature=-inf", "method.temperature: must be a finite number, got -inf"),
+        ("method.spice=.nan", "method.spice: must be a finite number, got nan"),
+        ("method.label=3", "method.label: expected str, got 3"),
+    ],
+)
+def test_a_new_method_gets_choice_and_range_checks_without_code_of_its_own(toy_method, override, message):
+    assert _error(None, ["method.name=toy", override]) == message
+
+
+def test_create_method_checks_the_same_for_library_users(toy_method):
+    with pytest.raises(ConfigError, match=r"^method\.mode: 'slow' is not one of exact, fast$"):
+        create_method("toy", 10, mode="slow")
+    with pytest.raises(ConfigError, match=r"^method\.temperature: must be > 0 for method 'toy', got 0\.0$"):
+        create_method("toy", 10, temperature=0.0)
+    assert isinstance(create_method("toy", 10, mode="exact", spice=float("-1")), _Toy)
+
+
+def test_a_new_method_accepts_valid_values_and_a_plain_str(toy_method):
+    params = load_config(None, ["method.name=toy", "method.mode=exact", "method.spice=-3", "method.label=y"]).method
+    assert params.params == {"mode": "exact", "temperature": 1.0, "spice": -3.0, "label": "y"}
+    assert hyperparameter_types("toy") == {"mode": Literal["fast", "exact"], "temperature": float, "spice": float,
+                                           "label": str}  # fmt: skip
+
+
+def test_every_bounds_entry_names_a_hyperparameter_of_some_method():
+    names = {f"{m}.{key}" for m in METHODS for key in method_defaults(m)} | {
+        k for m in METHODS for k in method_defaults(m)
+    }
+    assert set(HYPERPARAMETER_BOUNDS) <= names
+    assert [str(b) for b in (Bounds(0, low_open=True), Bounds(0), Bounds(0, 1, high_open=True), Bounds(high=2))] == [
+        "> 0",
+        ">= 0",
+        "in [0, 1)",
+        "<= 2",
+    ]
+
+
+# ---- resume and evaluation -----------------------------------------------------------------------------------------
+
+
+def test_config_changes_lists_differing_leaves_by_key_path():
+    old = config_to_dict(load_config(None, ["model.student_kwargs={width: 4}"]))
+    new = config_to_dict(load_config(None, ["optim.lr=0.2", "method.name=ls", "model.student_kwargs={width: 8}"]))
+    assert config_changes(old, new) == {
+        "model.student_kwargs.width": (4, 8),
+        "method.name": ("baseline", "ls"),
+        "optim.lr": (0.1, 0.2),
+        "method.smoothing": ("<unset>", 0.1),
+    }
+    assert config_changes(old, old) == {}
+
+
+def test_safe_keys_on_resume_are_config_keys():
+    leaves = config_changes({}, config_to_dict(load_config(None)))
+    assert set(SAFE_TO_CHANGE_ON_RESUME) <= set(leaves)
+
+
+def test_a_checkpoints_stored_config_sets_only_what_the_student_is_and_its_dataset():
+    stored = config_to_dict(load_config(None, ["data.name=cifar10", "data.img_size=40", "method.name=uskd"]))
+    stored["data"].update(download=True, num_workers=64, val_subset=3, root="/elsewhere")
+    stored["train"].update(device="cuda", eval_batch_size=10**6, amp="fp16")
+    stored["model"]["student_kwargs"] = {"width": 8, "pretrained": True}
+    cfg = config_for_checkpoint(stored, ["train.device=cpu"])
+    assert (cfg.data.name, cfg.data.img_size, cfg.data.root, cfg.method.name) == ("cifar10", 40, "/elsewhere", "uskd")
+    assert (cfg.data.download, cfg.data.num_workers, cfg.data.val_subset) == (False, 2, None)
+    assert (cfg.train.device, cfg.train.eval_batch_size, cfg.train.amp) == ("cpu", 256, "none")
+    assert cfg.model.student_kwargs == {"width": 8}
+    teacher_method = config_to_dict(load_config(None, [*TEACHER, "model.teacher_checkpoint=t.pt"], check_files=False))
+    assert config_for_checkpoint(teacher_method).method.name == "baseline"  # the teacher is not needed to evaluate
+
+
+def test_duplicate_keys_in_an_override_value_are_refused():
+    assert _error(None, ["model.student_kwargs={width: 4, width: 8}"]) == (
+        "model.student_kwargs: cannot parse value '{width: 4, width: 8}' at line 1, column 12: duplicate key 'width' "
+        "(first at line 1); merge the two, the second would silently replace the first"
+    )

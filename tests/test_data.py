@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 from pathlib import Path
 from urllib.error import URLError
@@ -11,11 +12,14 @@ import pytest
 import torch
 import torchvision
 from conftest import CIFAR10_NAMES, IMAGEFOLDER_CLASSES, write_idx
+from PIL import Image
+from torch.utils.data._utils import ExceptionWrapper
 from torchvision.transforms import v2
 
 from unikd import data as unikd_data
-from unikd.config import DATASETS, DataConfig, load_config
-from unikd.data import DataBundle, build_datasets, build_mix_collate, build_transform, dataset_root
+from unikd._errors import DataError
+from unikd.config import DATASETS, NATIVE_CHANNELS, DataConfig, load_config
+from unikd.data import DataBundle, build_datasets, build_mix_collate, build_transform, dataset_root, read_rgb_image
 
 
 def _bundle(name: str, root: Path | None, **fields) -> DataBundle:
@@ -172,6 +176,64 @@ def test_imagefolder_train_and_val_classes_must_agree(tmp_path, imagefolder_root
     assert str(error.value) == (
         f"data.root: {tmp_path}/train and {tmp_path}/val have different class folders (in only one: owl)"
     )
+
+
+def test_damaged_cifar_files_are_named(tmp_path, cifar10_root):
+    shutil.copytree(cifar10_root, tmp_path, dirs_exist_ok=True)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"^data\.root: the cifar10 files in .*cifar-10-batches-py are damaged or "):
+        _bundle("cifar10", tmp_path)
+
+
+def test_a_truncated_plain_idx_file_is_named(tmp_path):
+    write_idx(tmp_path, num_train=8, num_test=4, gz=False)
+    images = tmp_path / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+    with pytest.raises(DataError) as error:
+        _bundle("fashion_mnist", tmp_path)
+    assert re.fullmatch(
+        rf"data\.root: {re.escape(str(images))} is damaged or truncated \(RuntimeError: .*\); reinstall it \(apt-get "
+        r"install --reinstall dataset-fashion-mnist\) or copy the file again",
+        str(error.value),
+    )
+
+
+@pytest.mark.parametrize("pixels", ["bomb", "warning"])
+def test_images_over_the_decompression_bomb_limit_are_refused_not_decoded(tmp_path, monkeypatch, pixels):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (40, 40)).save(path)  # 1600 pixels
+    # PIL errors above twice MAX_IMAGE_PIXELS and only warns between once and twice: both stop unikd.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700 if pixels == "bomb" else 1000)
+    with pytest.raises(DataError, match=rf"^data: {re.escape(str(path))} is too large to decode safely \(Decompr"):
+        read_rgb_image(str(path))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    assert read_rgb_image(str(path)).size == (40, 40)
+
+
+def test_a_data_error_raised_in_a_worker_keeps_its_one_line_message():
+    original = DataError("data: cannot read image /x.png (not an image format PIL knows)")
+    try:
+        raise original
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as error:
+        wrapped.reraise()  # what torch does with a worker's exception in the main process
+    assert str(error.value) == str(original)
+
+
+def test_channels_3_repeats_a_grayscale_channel(fashion_mnist_root):
+    gray, rgb = _bundle("fashion_mnist", fashion_mnist_root), _bundle("fashion_mnist", fashion_mnist_root, channels=3)
+    assert (gray.in_chans, rgb.in_chans) == (1, 3)
+    image, _ = rgb.val[0]
+    assert image.shape == (3, 28, 28) and all(torch.equal(image[c], gray.val[0][0][0]) for c in range(3))
+    assert rgb.train[0][0].shape == (3, 28, 28)
+    transform = pickle.loads(pickle.dumps(build_transform(DataConfig(channels=3), train=True)))  # workers pickle it
+    assert isinstance(transform.transforms[-1], unikd_data._RepeatChannels)
+
+
+def test_native_channels_match_the_normalisation_statistics():
+    assert {name: len(stats.mean) for name, stats in unikd_data._STATS.items()} == NATIVE_CHANNELS
 
 
 # ---- transforms -------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -89,6 +90,34 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
             assert r2["val_loss"] == pytest.approx(r1["val_loss"], rel=1e-5)
     double_result = json.loads((double / "final.json").read_text())
     assert double_result["best_top1"] == single_result["best_top1"]
+
+
+def _ddp_worker_reporting(rank: int, world_size: int, port: int, overrides: list[str], messages) -> None:
+    try:
+        _ddp_worker(rank, world_size, port, overrides)
+        messages.put((rank, "no error"))
+    except UnikdError as error:
+        messages.put((rank, str(error)))
+
+
+def test_a_set_up_error_on_rank_0_stops_every_rank_instead_of_hanging(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("")  # output_dir is a file: only rank 0 looks at the run directory
+    messages = mp.get_context("spawn").SimpleQueue()
+    context = mp.start_processes(
+        _ddp_worker_reporting,
+        args=(2, _free_port(), [*TINY_VIT, f"output_dir={taken}"], messages),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):
+        assert time.monotonic() < deadline, "a rank hung"
+    assert dict(messages.get() for _ in range(2)) == {
+        0: f"output_dir: {taken} is a file, not a folder; choose another output_dir",
+        1: "another process of this job failed while setting up; see rank 0's message",
+    }
 
 
 def test_without_torchrun_the_process_is_rank_0_of_1(monkeypatch):
