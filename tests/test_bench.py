@@ -143,3 +143,31 @@ def test_unknown_profile_and_method_are_clear_errors(tmp_path):
         run_bench("fmnist-cpuu", tmp_path)
     with pytest.raises(UnikdError, match=r"--methods: \['dino'\] not in profile fmnist-demo \(baseline, uskd\)"):
         run_bench("fmnist-demo", tmp_path, methods=["dino"])
+
+
+def test_the_demo_says_when_it_shows_earlier_runs_instead_of_training(tmp_path, monkeypatch, capsys):
+    import unikd.demo as demo
+
+    summary = summarize(
+        [_run("baseline", 0, 80.0, 10.0, "cpu"), _run("uskd", 0, 81.0, 11.0, "cpu")], ["baseline", "uskd"]
+    )
+    results = {"summary": summary, "machine": machine_note([0.5], cores=2)}
+    monkeypatch.setattr(demo, "run_bench", lambda *args, **kwargs: results)
+    monkeypatch.setattr(demo, "show_soft_labels", lambda *args: None)
+    assert demo.main(["--out", str(tmp_path), "--epochs", "2"]) == 0
+    assert capsys.readouterr().out.startswith("unikd demo: training baseline and USKD on Fashion-MNIST (2 epochs")
+
+    for method in ("baseline", "uskd"):
+        run = tmp_path / "runs" / f"{method}-s0"
+        run.mkdir(parents=True)
+        (run / "final.json").write_text("{}")
+        (run / "config.yaml").write_text("train:\n  epochs: 2\n")
+    assert demo.main(["--out", str(tmp_path), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        f"unikd demo: {tmp_path / 'runs'} holds the finished runs of an earlier demo (2 epochs); showing them without "
+        f"retraining. To train again: rm -rf {tmp_path}, or pass --out NEWDIR\n"
+    )
+    assert "| epoch time s (wall clock) |" in out and "Epoch times are wall-clock (load average 0.5 on 2 cores)." in out
+    assert demo.main(["--out", str(tmp_path), "--epochs", "3"]) == 0  # other settings: it trains (continues) them
+    assert capsys.readouterr().out.startswith("unikd demo: training baseline and USKD")

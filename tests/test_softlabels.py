@@ -11,7 +11,7 @@ import torch
 from unikd.losses import uskd_soft_labels
 from unikd.methods import create_method
 from unikd.models import create_model, feature_dim, forward_with_feature
-from unikd.softlabels import save_soft_label_report, soft_label_report
+from unikd.softlabels import explanation, save_soft_label_report, soft_label_report, zipf_values
 
 CLASS_NAMES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 
@@ -74,3 +74,36 @@ def test_bad_inputs_are_named(setup):
         soft_label_report(student, method, images, targets, CLASS_NAMES, top_k=10)
     with pytest.raises(ValueError, match=re.escape("targets: expected class indices of shape (N,), got shape (6, 10)")):
         soft_label_report(student, method, images, torch.eye(10)[targets], CLASS_NAMES)
+
+
+def test_non_target_values_depend_only_on_the_target_rank_and_the_explanation_says_so(setup):
+    student, method, images, targets = setup
+    first = zipf_values(10)
+    assert len(first) == 9 and sum(first) == pytest.approx(1.0)
+    assert first[:2] == pytest.approx([0.5 / (sum(1 / r for r in range(1, 11)) - 1), (1 / 3) / 1.928968], rel=1e-5)
+    possible = [zipf_values(10, rank)[:3] for rank in range(1, 11)]
+    report = soft_label_report(student, method, images, targets, CLASS_NAMES, top_k=3)
+    for entry in report:  # hard labels: Zipf's values for wherever the target ranked; only the classes differ
+        values = [item["value"] for item in entry["non_target"]]
+        assert any(values == pytest.approx(candidate, abs=1e-6) for candidate in possible), values
+        assert entry["num_classes"] == 10
+    assert explanation(10) == (
+        "soft target = S_t^2 + 1 - batch mean of S_t^2 (Eq. 6): above 1 when the student is surer of this image than "
+        "of the batch on average. Non-targets follow Zipf's law: the class ranked r of all 10 gets 1/r, renormalised "
+        "over the 9 non-targets (0.259, 0.173, 0.130 for the top 3 when the target ranks first); the values depend "
+        "only on the target's rank: what differs per image is which class holds which rank."
+    )
+
+
+def test_the_picture_carries_the_explanation(setup, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    student, method, images, targets = setup
+    report = soft_label_report(student, method, images[:2], targets[:2], CLASS_NAMES, top_k=2)
+    texts = []
+    real_text = matplotlib.figure.Figure.text
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "text", lambda self, *a, **k: texts.append(a[2]) or real_text(self, *a, **k)
+    )
+    save_soft_label_report(report, images[:2], tmp_path, num_classes=10)
+    assert len(texts) == 1 and " ".join(texts[0].split()) == explanation(10)

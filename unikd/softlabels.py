@@ -7,9 +7,10 @@
 
 The soft target value is ``S_t^2 + 1 - mean(S_t^2)`` over the batch (Eq. 6, as the released code), so it depends on
 the batch (the report is computed on the whole batch given, in eval mode) and exceeds 1 for an image the student is
-surer of than of the batch on average. The non-target values follow Zipf's law: the class ranked r gets
-``(1 / r) / H``, renormalised over the C - 1 non-target classes, so every image has the same values and only which
-class holds which rank differs (``zipf_values``, ``EXPLANATION``).
+surer of than of the batch on average. The non-target values follow Zipf's law: the class ranked r among all C
+classes gets 1 / r, renormalised over the C - 1 non-target classes; the values depend only on the target's own
+rank (first, for a trained student), so what differs between images is which class holds which rank
+(``zipf_values``, ``EXPLANATION``).
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ from unikd.models import forward_with_feature
 
 EXPLANATION = (
     "soft target = S_t^2 + 1 - batch mean of S_t^2 (Eq. 6): above 1 when the student is surer of this image than of "
-    "the batch on average. Non-targets follow Zipf's law, 1/rank renormalised over the {others} other classes "
-    "({values} for ranks 1-{shown}): the same values for every image; only which class gets which rank differs."
+    "the batch on average. Non-targets follow Zipf's law: the class ranked r of all {classes} gets 1/r, renormalised "
+    "over the {others} non-targets ({values} for the top {shown} when the target ranks first); the values depend only "
+    "on the target's rank: what differs per image is which class holds which rank."
 )
 
 
-def zipf_values(num_classes: int) -> list[float]:
-    """The Zipf distribution USKD gives the C - 1 non-target classes, by rank (rank 1 first): ``(1 / r) / H_{C-1}``."""
-    harmonic = sum(1.0 / rank for rank in range(1, num_classes))
-    return [1.0 / rank / harmonic for rank in range(1, num_classes)]
+def zipf_values(num_classes: int, target_rank: int = 1) -> list[float]:
+    """The Zipf soft labels of the C - 1 non-target classes in rank order, when the target holds ``target_rank``
+    among all C classes: ``1 / r`` for every other rank r, renormalised to sum to 1."""
+    weights = [1.0 / rank for rank in range(1, num_classes + 1) if rank != target_rank]
+    return [weight / sum(weights) for weight in weights]
 
 
 def explanation(num_classes: int, shown: int = 3) -> str:
-    """``EXPLANATION`` filled in for ``num_classes`` classes and the first ``shown`` ranks."""
+    """``EXPLANATION`` filled in for ``num_classes`` classes and the top ``shown`` non-targets."""
     values = ", ".join(f"{value:.3f}" for value in zipf_values(num_classes)[:shown])
-    return EXPLANATION.format(others=num_classes - 1, values=values, shown=shown)
+    return EXPLANATION.format(classes=num_classes, others=num_classes - 1, values=values, shown=shown)
 
 
 def soft_label_report(
