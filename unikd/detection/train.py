@@ -70,7 +70,7 @@ from unikd.detection.distill import TrainableDetector
 from unikd.detection.evaluate import evaluate_detector
 from unikd.detection.models import detector_from_config, load_teacher_detector
 
-# The classification engine's loop helpers (private there, shared here: see docs/DETECTION.md).
+# The classification engine's loop helpers (private there; both engines run on them).
 from unikd.train import (
     AMP_DTYPES,
     _determinism,
@@ -80,6 +80,7 @@ from unikd.train import (
     _raise_on_any_rank,
     _run_directory,
     _seed_everything,
+    _stop_data_workers,
     _StopRequest,
     _worker_kwargs,
     optimizer_step,
@@ -165,10 +166,14 @@ def train_detector(cfg: DetectionConfig, *, resume: bool = False) -> dict:
             _run_directory(cfg, resume, dist_info, device) as output_dir,
         ):
             run = _set_up(cfg, resume, output_dir, dist_info, device)
-            with run.writer:
-                for epoch in range(run.step // run.steps_per_epoch, math.ceil(run.total_steps / run.steps_per_epoch)):
-                    _train_epoch(run, epoch, stop)
-            return _finish(run)
+            epochs = range(run.step // run.steps_per_epoch, math.ceil(run.total_steps / run.steps_per_epoch))
+            try:
+                with run.writer:
+                    for epoch in epochs:
+                        _train_epoch(run, epoch, stop)
+                return _finish(run)
+            finally:
+                _stop_data_workers(run.train_loader, run.val_loader)  # workers ignore SIGTERM: never leave them
     finally:
         if owns_process_group:
             dist.destroy_process_group()
@@ -249,7 +254,9 @@ def _set_up(cfg: DetectionConfig, resume: bool, output_dir: Path, dist_info: Dis
     _seed_everything(cfg.train.seed + dist_info.rank)
     if checkpoint is not None:
         restore_rng_state(checkpoint["rng"])
-    run.writer = MetricsWriter(output_dir, enabled=dist_info.is_main, tensorboard=cfg.train.tensorboard)
+    run.writer = MetricsWriter(  # purge_step: TensorBoard hides what an interrupted run logged after its checkpoint
+        output_dir, enabled=dist_info.is_main, tensorboard=cfg.train.tensorboard, purge_step=run.step + 1
+    )
     return run
 
 
@@ -510,16 +517,20 @@ def evaluate_detection_checkpoint(path: str | os.PathLike, overrides: list[str] 
         )
     student = detector_from_config(cfg.model.student, data.num_classes, cfg.data, load_backbone=False)
     student.load_state_dict(checkpoint["model"])
-    return evaluate_detector(
-        student.to(device),
-        _val_loader(cfg, data, DistInfo(), device),
-        data.val_ground_truth,
-        data.label_to_category,
-        device,
-        image_ids=data.val_image_ids,
-        iou_types=("bbox", "segm") if masks else ("bbox",),
-        amp_dtype=AMP_DTYPES[cfg.train.amp],
-    )
+    loader = _val_loader(cfg, data, DistInfo(), device)
+    try:
+        return evaluate_detector(
+            student.to(device),
+            loader,
+            data.val_ground_truth,
+            data.label_to_category,
+            device,
+            image_ids=data.val_image_ids,
+            iou_types=("bbox", "segm") if masks else ("bbox",),
+            amp_dtype=AMP_DTYPES[cfg.train.amp],
+        )
+    finally:
+        _stop_data_workers(loader)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
@@ -576,4 +587,7 @@ def _val_loader(cfg: DetectionConfig, data: DetectionData, dist_info: DistInfo, 
     if dist_info.is_distributed:  # every image exactly once over all ranks
         dataset = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
     batch_size = max(1, cfg.train.eval_batch_size // dist_info.world_size)
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_detection, **_worker_kwargs(cfg, device))
+    generator = torch.Generator().manual_seed(0)  # iterating draws a seed: not from (and shifting) the training stream
+    return DataLoader(
+        dataset, batch_size=batch_size, collate_fn=collate_detection, generator=generator, **_worker_kwargs(cfg, device)
+    )
