@@ -52,9 +52,10 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -111,6 +112,7 @@ from unikd.models import create_model, feature_dim, load_teacher
 __all__ = ["TrainableModules", "evaluate", "evaluate_checkpoint", "optimizer_step", "student_from_checkpoint", "train"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+T = TypeVar("T")
 
 
 class TrainableModules(nn.Module):
@@ -219,20 +221,17 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 @contextlib.contextmanager
 def _run_directory(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device) -> Iterator[Path]:
     """Rank 0 creates, locks and checks ``output_dir`` for the whole run; every rank learns whether that worked."""
-    output_dir = Path(cfg.output_dir)
     with contextlib.ExitStack() as stack:
-        error = None
-        if dist_info.is_main:
-            try:
-                output_dir = prepare_output_dir(output_dir)
-                stack.enter_context(lock_run_directory(output_dir))
-                remove_temp_files(output_dir)
-                _check_run_kind(output_dir, resume)
-                check_writable(output_dir)
-            except UnikdError as caught:
-                error = caught
-        _raise_on_any_rank(error, dist_info, device)
-        yield output_dir
+
+        def claim() -> None:
+            output_dir = prepare_output_dir(cfg.output_dir)
+            stack.enter_context(lock_run_directory(output_dir))
+            remove_temp_files(output_dir)
+            _check_run_kind(output_dir, resume)
+            check_writable(output_dir)
+
+        _on_main_rank(claim, dist_info, device)
+        yield Path(cfg.output_dir)
 
 
 def _check_run_kind(output_dir: Path, resume: bool) -> None:
@@ -280,8 +279,7 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     trainable = TrainableModules(student, method, cfg.model.feature_layer).to(device, memory_format=memory_format)
     optimizer = build_optimizer(trainable, cfg.optim)
-    if dist_info.is_main:
-        check_writable(output_dir, _checkpoint_bytes(trainable, cfg.optim))
+    _on_main_rank(lambda: check_writable(output_dir, _checkpoint_bytes(trainable, cfg.optim)), dist_info, device)
     run = _Run(
         cfg=cfg, dist=dist_info, device=device, output_dir=output_dir, bundle=bundle, train_loader=train_loader,
         train_sampler=train_sampler, val_loader=val_loader, steps_per_epoch=steps_per_epoch, student=student,
@@ -313,17 +311,10 @@ def _resume_checkpoint(
     Raises ``UnikdError`` listing the differing keys when the config differs elsewhere from the one stored in the
     checkpoint (the config the run was trained with).
     """
-    error = None
-    if dist_info.is_main:
-        try:
-            checkpoint, notes = reconcile_checkpoints(output_dir)
-            for note in notes:
-                console(f"unikd: resume: {note}")
-        except UnikdError as caught:
-            error = caught
-    _raise_on_any_rank(error, dist_info, device)  # also waits for rank 0's repair
-    if not dist_info.is_main:
-        checkpoint = load_checkpoint(output_dir / LAST, RESUME_ENTRIES)
+    repaired = _on_main_rank(lambda: reconcile_checkpoints(output_dir), dist_info, device)
+    checkpoint, notes = repaired or (load_checkpoint(output_dir / LAST, RESUME_ENTRIES), [])  # after rank 0's repair
+    for note in notes:
+        console(f"unikd: resume: {note}")
 
     with warnings.catch_warnings():  # the stored config's own warnings were shown when it was first loaded
         warnings.simplefilter("ignore")
@@ -407,11 +398,14 @@ def _open_logs(run: _Run) -> None:
     cfg, output_dir, resumed = run.cfg, run.output_dir, run.resumed
     if run.teacher is not None and not resumed:  # a resume reads it from the checkpoint
         run.metrics["teacher_top1"] = evaluate(run.teacher, run.val_loader, run.device, amp_dtype=run.amp_dtype)["top1"]
-    if run.dist.is_main:
+
+    def write_run_files() -> None:
         write_text(output_dir / CONFIG, dump_config(cfg))
         trim_metrics(output_dir / METRICS, run.step, run.start_epoch)
         if resumed and run.start_epoch < cfg.train.epochs:
             (output_dir / FINAL).unlink(missing_ok=True)  # the run goes on: that result no longer describes it
+
+    _on_main_rank(write_run_files, run.dist, run.device)
     run.writer = MetricsWriter(
         output_dir, enabled=run.dist.is_main, tensorboard=cfg.train.tensorboard, purge_step=run.step + 1
     )
@@ -751,14 +745,22 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] = ()) -> d
 # ---- helpers -----------------------------------------------------------------------------------------------------
 
 
-def _raise_on_any_rank(error: UnikdError | None, dist_info: DistInfo, device: torch.device) -> None:
-    """Raise ``error`` here, and a short error on every other rank, when any rank has one (a collective: all call)."""
+def _on_main_rank(check: Callable[[], T], dist_info: DistInfo, device: torch.device) -> T | None:
+    """Run ``check`` on rank 0 only (the rank that owns the files) and return its result; when it raises a
+    ``UnikdError``, every rank raises one, instead of the others waiting forever. A collective: every rank calls it."""
+    result, error = None, None
+    if dist_info.is_main:
+        try:
+            result = check()
+        except UnikdError as caught:
+            error = caught
     if dist_info.is_distributed:
         failed = all_reduce(torch.tensor(float(error is not None), device=device), op="max").item()
         if failed and error is None:
             raise UnikdError("another process of this job failed while setting up; see rank 0's message")
     if error is not None:
         raise error
+    return result
 
 
 class _EpochSampler(DistributedSampler):
