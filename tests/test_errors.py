@@ -82,6 +82,10 @@ def _teacher_file(ctx: Context) -> None:
     (ctx.tmp / "teacher.pt").write_bytes(b"")
 
 
+def _teacher_of_100_classes(ctx: Context) -> None:
+    torch.save({"format": "unikd-checkpoint", "version": 2, "num_classes": 100, "model": {}}, ctx.tmp / "teacher.pt")
+
+
 def _one_class_folder(ctx: Context) -> None:
     root = ctx.tmp / "data"
     for split in ("train", "val"):
@@ -254,6 +258,20 @@ CASES = [
         ],
         "method.temperature: must be > 0 for method 'kd', got 0.0",
         _teacher_file,
+        both_commands=True,
+    ),
+    Case(
+        "teacher-for-another-class-count",
+        [
+            "train",
+            os.devnull,
+            *FAKE,
+            "method.name=kd",
+            "model.teacher=cifar/smallcnn",
+            "model.teacher_checkpoint={tmp}/teacher.pt",
+        ],
+        "model.teacher_checkpoint: the teacher in {tmp}/teacher.pt predicts 100 classes but the dataset has 10",
+        _teacher_of_100_classes,
         both_commands=True,
     ),
     Case(

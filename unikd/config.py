@@ -36,6 +36,8 @@ from unikd._errors import ConfigError, UnikdError
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder", "fake")
 # Channels of each dataset's own images (data.channels=3 repeats a grayscale one for RGB models).
 NATIVE_CHANNELS = {"cifar10": 3, "cifar100": 3, "fashion_mnist": 1, "mnist": 1, "imagefolder": 3, "fake": 3}
+# Class counts known without reading the data (fake: data.num_classes or 10; an ImageFolder's come from its folders).
+_KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10, "mnist": 10, "fake": 10}
 MODEL_PREFIXES = ("cifar/", "timm/", "tv/")
 # Set from the dataset by the trainer; giving them in *_kwargs could only disagree with it.
 _DERIVED_MODEL_KWARGS = ("num_classes", "in_chans")
@@ -476,6 +478,9 @@ def _check_model(cfg: Config, *, check_files: bool) -> None:
         if check_files and model.teacher_checkpoint is not None and not os.path.isfile(model.teacher_checkpoint):
             raise ConfigError(f"model.teacher_checkpoint: file not found: {model.teacher_checkpoint}")
         _check_model_builds(cfg, "teacher")
+        classes = cfg.data.num_classes or _KNOWN_CLASSES.get(cfg.data.name)
+        if check_files and classes is not None:  # else the trainer checks it once the dataset is read
+            check_teacher_num_classes(model, classes)
     elif model.teacher is not None or model.teacher_checkpoint is not None:
         warnings.warn(f"model.teacher: method '{method}' does not use a teacher; ignoring it", stacklevel=3)
 

@@ -375,11 +375,16 @@ def _checkpoint_bytes(trainable: nn.Module, optim_cfg) -> int:
 
 def _restore(run: _Run, checkpoint: dict) -> None:
     """Put the run where ``checkpoint`` left it: weights, optimizer, schedule, scaler, position and metrics."""
-    run.student.load_state_dict(checkpoint["model"])
-    run.method.load_state_dict(checkpoint["method"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    run.scaler.load_state_dict(checkpoint["scaler"])
+    last = run.output_dir / LAST
+    load_student_weights(run.student, checkpoint, last)
+    try:
+        run.method.load_state_dict(checkpoint["method"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["scheduler"])
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:  # an edited file: its config matched
+        reason = " ".join(str(error).split())[:300]
+        raise UnikdError(f"--resume: cannot restore the run from {last} ({type(error).__name__}: {reason})") from None
     run.run_id, run.start_epoch, run.step = checkpoint["run_id"], checkpoint["epoch"], checkpoint["step"]
     run.metrics = {"teacher_top1": None, **checkpoint["metrics"]}
 
