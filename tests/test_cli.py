@@ -319,3 +319,18 @@ def test_bench_command_prints_the_table(fashion_mnist_root, tmp_path, capsys):
     status, stdout, _ = _main(capsys, "bench", "fmnist-demo", *overrides, "--out", str(out))
     assert status == 0
     assert "| baseline |" in stdout and "| uskd |" in stdout and (out / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_torchvision_student_trains_on_grayscale_data_with_channels_3(fashion_mnist_root, tmp_path, capsys):
+    overrides = ["model.student=tv/shufflenet_v2_x0_5", "data.channels=3", "train.max_steps_per_epoch=2"]
+    output_dir = tmp_path / "tv"
+    status, out, err = _main(
+        capsys, "train", os.devnull, *TINY, "train.epochs=1", f"data.root={fashion_mnist_root}",
+        f"output_dir={output_dir}", *overrides,
+    )  # fmt: skip
+    assert status == 0, err
+    assert "  data: fashion_mnist, 200 training / 100 validation images, 10 classes, 3x28x28" in out.splitlines()
+    assert torch.load(output_dir / "last.pt", weights_only=True)["in_chans"] == 3
+    status, out, _ = _main(capsys, "eval", str(output_dir / "last.pt"))  # the stored config says data.channels=3
+    assert status == 0 and out.splitlines()[1].startswith("top-1 ")
