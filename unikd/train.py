@@ -759,13 +759,18 @@ def _on_main_rank(check: Callable[[], T], dist_info: DistInfo, device: torch.dev
             result = check()
         except UnikdError as caught:
             error = caught
+    _raise_on_any_rank(error, dist_info, device)
+    return result
+
+
+def _raise_on_any_rank(error: UnikdError | None, dist_info: DistInfo, device: torch.device) -> None:
+    """Raise ``error`` here, and a short error on every other rank, when any rank has one (a collective: all call)."""
     if dist_info.is_distributed:
         failed = all_reduce(torch.tensor(float(error is not None), device=device), op="max").item()
         if failed and error is None:
             raise UnikdError("another process of this job failed while setting up; see rank 0's message")
     if error is not None:
         raise error
-    return result
 
 
 class _EpochSampler(DistributedSampler):
