@@ -271,10 +271,10 @@ def check_teacher_num_classes(model_cfg: ModelConfig, num_classes: int) -> None:
     """
     if model_cfg.teacher_checkpoint is None or not str(model_cfg.teacher_checkpoint).endswith((".pt", ".pth")):
         return
-    import torch  # here, so that importing unikd.config stays light (the demo and bench read configs)
+    from unikd._serialization import safe_torch_load  # here: importing unikd.config stays light (no torch)
 
     try:
-        checkpoint = torch.load(model_cfg.teacher_checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = safe_torch_load(model_cfg.teacher_checkpoint)
     except Exception:  # not ours to diagnose: load_teacher reports unreadable files with their own message
         return
     teacher_classes = checkpoint.get("num_classes") if isinstance(checkpoint, dict) else None
