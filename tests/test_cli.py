@@ -185,6 +185,10 @@ def _train(capsys, tmp_path: Path, name: str, *overrides: str) -> Path:
     epoch_lines = [line for line in lines if line.startswith("epoch ")]
     assert len(epoch_lines) == 3 and all(" val top-1 " in line and " train loss " in line for line in epoch_lines)
     assert f"unikd train: finished, outputs in {output_dir}" in lines
+    teacher = json.loads((output_dir / "final.json").read_text())["teacher_top1"]
+    if teacher is not None:  # measured once, on the validation set, and shown in the header
+        assert lines[2].startswith("  teacher: cifar/smallcnn from ") and lines[2].endswith(f"top-1 {teacher:.2f}")
+        assert f"  teacher_top1 {teacher:.4f}" in lines
     return output_dir
 
 
@@ -241,6 +245,8 @@ def test_every_method_trains_and_its_losses_fall(method, root_fixture, dataset, 
         teacher = request.getfixturevalue("teacher_checkpoint")
         overrides += ["model.teacher=cifar/smallcnn", f"model.teacher_checkpoint={teacher}"]
     output_dir = _train(capsys, tmp_path, method, *overrides)
+    teacher_top1 = json.loads((output_dir / "final.json").read_text())["teacher_top1"]
+    assert (teacher_top1 is not None) == METHODS[method].needs_teacher
 
     steps = _records(output_dir, "train")
     assert [record["step"] for record in steps] == list(range(1, len(steps) + 1)) and len(steps) >= 9
