@@ -1,11 +1,12 @@
 """Dev-only: write tests/data/mmpretrain_reference.{json,npz} with mmpretrain itself. Not run by tests or CI.
 
-For each paper model this builds mmpretrain's ImageClassifier from its released config, gives every parameter and
-buffer the value ``tests/test_mmpretrain.py::synthetic_tensor`` computes from its key name, runs
-``synthetic_images`` through it in float64 and eval mode, and stores the state_dict's key names, shapes, dtypes and
-per-tensor sums (so that the tests can check that they rebuild the same weights) and the logits. Images go in as
-our RGB pipeline normalises them; a config that feeds BGR (``to_rgb=False``, RegNet) gets them channel-reversed,
-which is what its own data preprocessor would produce from the same picture.
+For each paper model this builds mmpretrain's ImageClassifier from its released config (the CIFAR ResNets from
+mmpretrain's ResNet_CIFAR model configs with cls_KD's 100-class head), gives every parameter and buffer the value
+``tests/test_mmpretrain.py::synthetic_tensor`` computes from its key name, runs ``synthetic_images`` through it in
+float64 and eval mode, and stores the state_dict's key names, shapes, dtypes and per-tensor sums (so that the tests
+can check that they rebuild the same weights) and the logits. Images go in as our RGB pipeline normalises them; a
+config that feeds BGR (``to_rgb=False``, RegNet) gets them channel-reversed, which is what its own data preprocessor
+would produce from the same picture.
 
 Needs a side virtualenv outside the repository (tests/data/REFERENCE.md, "mmpretrain reference logits", has the
 exact commands):
@@ -32,7 +33,8 @@ DATA = REPO / "tests" / "data"
 RGB_MEAN, RGB_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 
 # name -> (config under mmpretrain's configs/ or None for a dict below, backbone overrides, image size).
-# The names are mmpretrain's config / model-zoo names; cls_KD's own configs get a "cls_kd_" prefix.
+# The names are mmpretrain's config / model-zoo names; cls_KD's own configs get a "cls_kd_" prefix, except the CIFAR
+# ones, whose cls_KD names (configs/resnet/resnet{18,34}_8xb16_cifar100.py) follow mmpretrain's pattern.
 REFERENCE_MODELS = {
     "resnet18_8xb32_in1k": ("resnet/resnet18_8xb32_in1k.py", {}, 72),
     "resnet34_8xb32_in1k": ("resnet/resnet34_8xb32_in1k.py", {}, 72),
@@ -49,7 +51,13 @@ REFERENCE_MODELS = {
     "cls_kd_swin-tiny_16xb64_in1k": ("swin_transformer/swin-tiny_16xb64_in1k.py", {"out_indices": (0, 1, 2, 3)}, 224),
     # cls_KD's configs/mobilenet_v1/mobilenet_v1.py (_base_/models/mobilenet_v1_1x.py): its own MobileNetV1.
     "cls_kd_mobilenet_v1": (None, {}, 72),
+    # ResNet_CIFAR. cls_KD's resnet{18,34}_8xb16_cifar100.py are mmpretrain's _base_/models/resnet{18,34}_cifar.py
+    # with a 100-class head (and its CIFAR-100 data and schedule); resnet50_8xb16_cifar100.py is mmpretrain's own.
+    "resnet18_8xb16_cifar100": ("_base_/models/resnet18_cifar.py", {}, 32),
+    "resnet34_8xb16_cifar100": ("_base_/models/resnet34_cifar.py", {}, 32),
+    "resnet50_8xb16_cifar100": ("resnet/resnet50_8xb16_cifar100.py", {}, 32),
 }
+CIFAR100_HEAD = {"num_classes": 100}
 CLS_KD_MOBILENET_V1 = dict(
     type="ImageClassifier",
     backbone=dict(type="MobileNetV1"),
@@ -69,14 +77,26 @@ def build_classifier(config: str | None, backbone_overrides: dict) -> tuple[torc
         model_cfg, preprocessor = dict(CLS_KD_MOBILENET_V1), {"to_rgb": True, "mean": RGB_MEAN, "std": RGB_STD}
     else:
         cfg = Config.fromfile(str(Path(mmpretrain.__file__).parent / ".mim" / "configs" / config))
-        model_cfg, preprocessor = cfg.model, cfg.data_preprocessor
+        model_cfg, preprocessor = cfg.model, cfg.get("data_preprocessor")
     model_cfg["backbone"] = {**model_cfg["backbone"], **backbone_overrides}
+    if model_cfg["backbone"]["type"] == "ResNet_CIFAR":
+        # mmpretrain's CIFAR datasets decode the pickled arrays to RGB and their preprocessor (to_rgb=False) keeps
+        # them so: RGB in, whatever the normalisation. A model-only base config gets cls_KD's 100-class head.
+        model_cfg["head"] = {**model_cfg["head"], **CIFAR100_HEAD}
+        if preprocessor is not None and preprocessor.get("to_rgb", False):
+            raise SystemExit(f"{config}: unexpected CIFAR preprocessor {preprocessor}")
+        return mm_build(model_cfg).eval(), False
     bgr = not preprocessor.get("to_rgb", False)
     # Reversing normalised RGB is normalising BGR only when the BGR config's mean/std are the RGB ones reversed.
     expected = (RGB_MEAN[::-1], RGB_STD[::-1]) if bgr else (RGB_MEAN, RGB_STD)
     if (list(preprocessor["mean"]), list(preprocessor["std"])) != expected:
         raise SystemExit(f"{config}: unexpected normalisation {preprocessor}")
     return mm_build(model_cfg).eval(), bgr
+
+
+def head_classes(model: torch.nn.Module) -> int:
+    """The classifier's class count: the output width of its head's last linear layer."""
+    return [module for module in model.head.modules() if isinstance(module, torch.nn.Linear)][-1].out_features
 
 
 def load_module(name: str, path: Path):
@@ -112,6 +132,7 @@ def main() -> None:
             "config": config or "cls_KD configs/mobilenet_v1/mobilenet_v1.py",
             "backbone_overrides": overrides,
             "image_size": size,
+            "num_classes": int(head_classes(model)),
             "input_channels": "bgr" if bgr else "rgb",
             "keys": [[key, list(value.shape), str(value.dtype).removeprefix("torch.")] for key, value in state.items()],
         }

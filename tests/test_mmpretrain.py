@@ -101,7 +101,7 @@ def logit_errors(name: str, state_dict: dict, model_name: str = "", kwargs: dict
     """Largest |our logit - mmpretrain's| relative to the largest logit, in float64 and in float32, for the unikd
     model (default: the one ``name`` maps to) loaded with ``state_dict``."""
     model_name, kwargs = (model_name, kwargs or {}) if model_name else reference_model(name)
-    model = create_model(model_name, num_classes=1000, **kwargs).eval()
+    model = create_model(model_name, num_classes=MODELS[name]["num_classes"], **kwargs).eval()
     model.load_state_dict(state_dict, strict=True)
     images, expected = synthetic_images(REFERENCE["batch"], MODELS[name]["image_size"]), reference_logits(name)
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_round_trips_are_exact_and_the_key_list_is_mmpretrains(reference):
     model_name, kwargs = reference_model(name)
     ours = from_mmpretrain(state, model_name)
     with torch.device("meta"):
-        model = create_model(model_name, num_classes=1000, **kwargs)
+        model = create_model(model_name, num_classes=MODELS[name]["num_classes"], **kwargs)
     layout = {key: (tuple(value.shape), value.dtype) for key, value in model.state_dict().items()}
     assert {key: (tuple(value.shape), value.dtype) for key, value in ours.items()} == layout
     if name == "cls_kd_swin-tiny_16xb64_in1k":  # its per-stage output norms do not reach the logits
@@ -239,6 +239,20 @@ PINS = [  # (reference model, unikd key, mmpretrain key, what the unikd tensor i
     ),
     ("swin-tiny_16xb64_in1k", "norm.weight", "backbone.norm3.weight", None),
     ("swin-tiny_16xb64_in1k", "head.fc.weight", "head.fc.weight", None),
+    # ResNet_CIFAR: our CIFAR zoo keeps conv and BatchNorm in one Sequential.
+    ("resnet18_8xb16_cifar100", "stem.0.weight", "backbone.conv1.weight", None),
+    ("resnet18_8xb16_cifar100", "stem.1.running_var", "backbone.bn1.running_var", None),
+    ("resnet18_8xb16_cifar100", "layer2.0.conv2.1.bias", "backbone.layer2.0.bn2.bias", None),
+    ("resnet18_8xb16_cifar100", "layer3.0.shortcut.0.weight", "backbone.layer3.0.downsample.0.weight", None),
+    (
+        "resnet18_8xb16_cifar100",
+        "layer4.0.shortcut.1.running_mean",
+        "backbone.layer4.0.downsample.1.running_mean",
+        None,
+    ),
+    ("resnet18_8xb16_cifar100", "fc.weight", "head.fc.weight", None),
+    ("resnet50_8xb16_cifar100", "layer1.0.conv3.1.weight", "backbone.layer1.0.bn3.weight", None),
+    ("resnet50_8xb16_cifar100", "layer1.0.shortcut.0.weight", "backbone.layer1.0.downsample.0.weight", None),
 ]
 
 
@@ -407,6 +421,42 @@ def test_a_different_depth_or_width_is_refused_with_the_difference_named():
     )
 
 
+def test_imagenet_and_cifar_resnets_are_told_apart_by_their_stem():
+    """mmpretrain's ResNet_CIFAR (3x3 stride-1 stem, no max-pool) is our cifar/resnetN, not timm's or torchvision's;
+    an ImageNet ResNet (7x7 stem, max-pool) is not our CIFAR one. Same keys, so the stem's kernel decides."""
+    assert refusal(reference_state("resnet18_8xb16_cifar100"), "timm/resnet18") == (
+        "the mmpretrain ResNet checkpoint differs from timm/resnet18 in stem: 3x3 conv with 64 channels in the "
+        "checkpoint, 7x7 conv with 64 channels in timm/resnet18; it fits cifar/resnet18"
+    )
+    assert refusal(reference_state("resnet18_8xb32_in1k"), "cifar/resnet18") == (
+        "the mmpretrain ResNet checkpoint differs from cifar/resnet18 in stem: 7x7 conv with 64 channels in the "
+        "checkpoint, 3x3 conv with 64 channels in cifar/resnet18; it fits timm/resnet18 or tv/resnet18"
+    )
+    assert refusal(reference_state("resnet34_8xb16_cifar100"), "cifar/resnet18") == (
+        "the mmpretrain ResNet checkpoint differs from cifar/resnet18 in blocks per stage: (3, 4, 6, 3) in the "
+        "checkpoint, (2, 2, 2, 2) in cifar/resnet18; it fits cifar/resnet34"
+    )
+
+
+def test_the_released_cifar_self_kd_student_loads_by_its_cls_kd_name(tmp_path):
+    """res18_sd_cifar: cls_KD's CIFAR-100 USKD ResNet18, as pth_transfer.py writes it, loads through the factory's
+    weight loader under the name of its config and computes mmpretrain's logits."""
+    from unikd.models import load_model_weights
+
+    assert CLS_KD_DISTILLERS["res18_sd_cifar"] == ("resnet18_8xb16_cifar100", None)
+    assert MMPRETRAIN_MODELS["resnet18_8xb16_cifar100"] == ("cifar/resnet18", {})
+    student = reference_state("resnet18_8xb16_cifar100")
+    weak_head = {"loss_uskd.fc.weight": torch.zeros(100, 256), "loss_uskd.fc.bias": torch.zeros(100)}
+    path = tmp_path / "epoch_200.pth"
+    save_mmengine_checkpoint(path, distiller_state(student, untrained(student), weak_head))
+    model, report = load_model_weights("mmpretrain/resnet18_8xb16_cifar100", 100, path)
+    assert report.layout == "mmpretrain" and report.half == "student."
+    images, expected = synthetic_images(REFERENCE["batch"], 32), reference_logits("resnet18_8xb16_cifar100")
+    with torch.no_grad():
+        logits = model.double()(images)
+    assert float((logits - expected).abs().max()) <= 1e-12 * float(expected.abs().max())
+
+
 def test_another_backbone_is_refused():
     assert refusal(reference_state("swin-tiny_16xb64_in1k"), "timm/resnet50") == (
         "the mmpretrain checkpoint holds a SwinTransformer, not the ResNet of timm/resnet50; it fits "
@@ -505,6 +555,9 @@ BACKBONES = {
     "swin-tiny_16xb64_in1k": "SwinTransformer",
     "cls_kd_swin-tiny_16xb64_in1k": "SwinTransformer",
     "cls_kd_mobilenet_v1": "MobileNetV1 (cls_KD)",
+    "resnet18_8xb16_cifar100": "ResNet",
+    "resnet34_8xb16_cifar100": "ResNet",
+    "resnet50_8xb16_cifar100": "ResNet",
 }
 
 

@@ -21,11 +21,16 @@ what mmpretrain's classifier computes in eval mode (tests/test_mmpretrain.py com
 |                        |                                         | channel-major, timm quadrant-major); relative     |
 |                        |                                         | position indices dropped (timm computes them)     |
 | MobileNetV1 (cls_KD)   | timm/mobilenetv1_100 (act_layer="relu") | nothing: cls_KD uses ReLU, timm defaults to ReLU6 |
+| ResNet_CIFAR-18/34/50  | cifar/resnetN                           | nothing (our stem is a Sequential: stem.0, stem.1)|
 
 A checkpoint whose backbone differs from the model it would load into (depth, widths, stem, shortcut, heads,
 window, head layout, ...) is refused with the difference named. What a state_dict cannot show is taken to be what
 the released configs say: ResNet ``style='pytorch'`` (stride on the 3x3 conv), the activations above, and the
-number of ViT attention heads (DeiT-Tiny 3, DeiT-Small 6).
+number of ViT attention heads (DeiT-Tiny 3, DeiT-Small 6). A ResNet whose stem is one 3x3 conv is mmpretrain's
+``ResNet_CIFAR`` (the only mmpretrain ResNet with that stem): stride 1 and no max-pool, which is what the CIFAR
+zoo's ``cifar/resnet18/34/50`` compute (a 32x32 image reaches the last stage at 4x4); a 7x7 stem is ImageNet's
+``ResNet`` (stride 2, then a stride-2 max-pool), which only timm's and torchvision's ResNets compute. Loading a
+CIFAR checkpoint to train on needs no keyword, but the released init of ResNet_CIFAR is ``init="mmpretrain"``.
 """
 
 from __future__ import annotations
@@ -282,6 +287,22 @@ _RESNET = _Backbone(
     _resnet_facts,
     stem_conv="conv1.weight",
 )
+# mmpretrain's ResNet_CIFAR has ResNet's keys; our CIFAR zoo keeps each conv with its BatchNorm (and ReLU) in one
+# Sequential: conv{k} -> conv{k}.0, bn{k} -> conv{k}.1, the stem in ``stem``, the 1x1-conv shortcut in ``shortcut``.
+_RESNET_CIFAR = _Backbone(
+    "ResNet",
+    _rules(
+        ("backbone.conv1.", "stem.0."),
+        ("backbone.bn1.", "stem.1."),
+        ("backbone.layer{i}.{j}.conv{k}.", "layer{i}.{j}.conv{k}.0."),
+        ("backbone.layer{i}.{j}.bn{k}.", "layer{i}.{j}.conv{k}.1."),
+        ("backbone.layer{i}.{j}.downsample.0.", "layer{i}.{j}.shortcut.0."),
+        ("backbone.layer{i}.{j}.downsample.1.", "layer{i}.{j}.shortcut.1."),
+        ("head.fc.", "fc."),
+    ),
+    _resnet_facts,
+    stem_conv="stem.0.weight",
+)
 _REGNET = _Backbone(
     "RegNet",
     _rules(
@@ -453,9 +474,9 @@ class _Target:
     kwargs: dict[str, object] = field(default_factory=dict)  # create_model keywords that make it compute the same
 
 
-def _resnet(block: str, depths: tuple[int, ...]) -> _Target:
+def _resnet(block: str, depths: tuple[int, ...], backbone: _Backbone = _RESNET) -> _Target:
     facts = {
-        "stem": "7x7 conv with 64 channels",
+        "stem": "3x3 conv with 64 channels" if backbone is _RESNET_CIFAR else "7x7 conv with 64 channels",
         "block": block,
         "blocks per stage": depths,
         "first-stage width": 64,
@@ -463,7 +484,7 @@ def _resnet(block: str, depths: tuple[int, ...]) -> _Target:
         "shortcut": "1x1 conv",
         "squeeze-excitation": "no",
     }
-    return _Target(_RESNET, facts)
+    return _Target(backbone, facts)
 
 
 def _deit(width: int) -> _Target:
@@ -534,6 +555,7 @@ _TARGETS: dict[str, _Target] = {
         {"stem channels": 32, "pointwise conv channels": (64, 128, 128, 256, 256, *(512,) * 6, 1024, 1024)},
         kwargs={"act_layer": "relu"},
     ),
+    **{f"cifar/resnet{depth}": _resnet(*_RESNETS[depth], _RESNET_CIFAR) for depth in (18, 34, 50)},
 }
 
 # mmpretrain config / model-zoo names, the stems of the released files (mmcls 0.x names, e.g.
@@ -551,12 +573,17 @@ _ALIASES = {
     "timm/deit_small_patch16_224": ("deit-small_4xb256_in1k", "deit-small_pt-4xb256_in1k"),
     "timm/swin_tiny_patch4_window7_224": ("swin-tiny_16xb64_in1k", "swin_tiny_224_b16x64_300e_imagenet"),
     "timm/mobilenetv1_100": ("mobilenet_v1",),  # cls_KD's configs/mobilenet_v1/mobilenet_v1.py
+    # ResNet_CIFAR: mmpretrain's CIFAR-10 configs, its resnet50_8xb16_cifar100 and cls_KD's
+    # configs/resnet/resnet{18,34}_8xb16_cifar100.py (the CIFAR-100 self-KD and KD students and teacher).
+    "cifar/resnet18": ("resnet18_8xb16_cifar100", "resnet18_8xb16_cifar10"),
+    "cifar/resnet34": ("resnet34_8xb16_cifar100", "resnet34_8xb16_cifar10"),
+    "cifar/resnet50": ("resnet50_8xb16_cifar100", "resnet50_8xb16_cifar10"),
 }
 MMPRETRAIN_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     alias: (name, dict(_TARGETS[name].kwargs)) for name, aliases in _ALIASES.items() for alias in aliases
 }
-# cls_KD's ImageNet distiller configs (configs/distillers/imagenet/) -> (student, teacher) mmpretrain config names;
-# the self-KD ones build an untrained teacher of the student's architecture.
+# cls_KD's distiller configs (configs/distillers/imagenet/ and cifar100/) -> (student, teacher) mmpretrain config
+# names; the self-KD ones build an untrained teacher of the student's architecture.
 CLS_KD_DISTILLERS: dict[str, tuple[str, str | None]] = {
     "res34_distill_res18_img": ("resnet18_8xb32_in1k", "resnet34_8xb32_in1k"),
     "res50_distill_mv1_img": ("mobilenet_v1", "resnet50_8xb32_in1k"),
@@ -569,6 +596,8 @@ CLS_KD_DISTILLERS: dict[str, tuple[str, str | None]] = {
     "regnet-1.6gf_sd_img": ("regnetx-1.6gf_8xb128_in1k", None),
     "deit-t_sd_img": ("deit-tiny_4xb256_in1k", None),
     "swin-t_sd_img": ("swin-tiny_16xb64_in1k", None),
+    "res34_distill_res18_cifar": ("resnet18_8xb16_cifar100", "resnet34_8xb16_cifar100"),
+    "res18_sd_cifar": ("resnet18_8xb16_cifar100", None),
 }
 
 
