@@ -171,3 +171,290 @@ def test_the_demo_says_when_it_shows_earlier_runs_instead_of_training(tmp_path, 
     assert "| epoch time s (wall clock) |" in out and "Epoch times are wall-clock (load average 0.5 on 2 cores)." in out
     assert demo.main(["--out", str(tmp_path), "--epochs", "3"]) == 0  # other settings: it trains (continues) them
     assert capsys.readouterr().out.startswith("unikd demo: training baseline and USKD")
+
+
+# --- labelled variants, the paper-table profiles and --grid sweeps ----------------------------------------------------
+
+
+def test_columns_are_methods_or_labelled_variants():
+    from unikd.bench import parse_column, parse_grid, split_values
+
+    assert parse_column("uskd") == ("uskd", [])
+    assert parse_column("uskd[rank=weak,alpha=0.2]") == ("uskd", ["method.rank=weak", "method.alpha=0.2"])
+    assert parse_column("dkd[warmup=[1,2]]") == ("dkd", ["method.warmup=[1,2]"])  # commas inside brackets stay
+    for bad in ("uskd[]", "uskd[rank]", "uskd[method.rank=weak]", "uskd rank=weak", "uskd[rank=weak"):
+        with pytest.raises(UnikdError) as error:
+            parse_column(bad)
+        assert str(error.value) == (
+            f"method column {bad!r}: expected METHOD or METHOD[key=value,...], e.g. uskd or uskd[rank=weak]"
+        )
+    assert split_values("0.1, [30,60] ,{a: 1, b: 2},x") == ["0.1", "[30,60]", "{a: 1, b: 2}", "x"]
+    assert parse_grid(["method.alpha=0.6,0.8", "optim.lr=0.1"]) == {"method.alpha": ["0.6", "0.8"], "optim.lr": ["0.1"]}
+    errors = {
+        "method.alpha": "--grid method.alpha: expected KEY=V1,V2,... e.g. method.alpha=0.6,0.8,1.0",
+        "method alpha=1": "--grid method alpha=1: expected KEY=V1,V2,... e.g. method.alpha=0.6,0.8,1.0",
+        "method.alpha=0.6,,1": "--grid method.alpha=0.6,,1: an empty value; expected KEY=V1,V2,... e.g. "
+        "method.alpha=0.6,0.8,1.0",
+        "method.alpha=0.6,1,0.6": "--grid method.alpha=0.6,1,0.6: 0.6 given twice",
+        "train.seed=0,1": "--grid train.seed: not a key to sweep: the bench sets it from --seeds",
+        "output_dir=a,b": "--grid output_dir: not a key to sweep: the bench names every run's folder",
+    }
+    for spec, message in errors.items():
+        with pytest.raises(UnikdError) as error:
+            parse_grid([spec])
+        assert str(error.value) == message
+    with pytest.raises(UnikdError, match=r"^--grid optim\.lr: given twice; put all its values in one --grid"):
+        parse_grid(["optim.lr=0.1", "optim.lr=0.2"])
+
+
+def _fake_training(calls):
+    """A stand-in for run_training that records each run and returns a result whose top-1 encodes the run."""
+
+    def fake(config, overrides, output_dir, method_section=None):
+        calls.append((config, list(overrides), output_dir, method_section))
+        top1 = 80.0 + 10 * float(next((o.split("=")[1] for o in overrides if o.startswith("method.alpha=")), 0))
+        top1 += next(int(o.split("=")[1]) for o in overrides if o.startswith("train.seed=")) / 10
+        history = [{"epoch": 0, "top1": top1, "epoch_time_s": 1.0}]
+        return {"last_top1": top1, "best_top1": top1, "best_epoch": 0, "history": history, "device": "cpu"}
+
+    return fake
+
+
+def test_grid_sweeps_every_column_but_the_baseline_on_method_keys(tmp_path, monkeypatch, fashion_mnist_root):
+    import unikd.bench as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run_training", _fake_training(calls))
+    results = run_bench(
+        "fmnist-cpu", tmp_path, methods=["uskd", "uskd[rank=weak]"], seeds=[0, 1],
+        overrides=[f"data.root={fashion_mnist_root}"], grid=["method.alpha=0.1,0.4"], log=lambda m: None,
+    )  # fmt: skip
+    rows = [row["method"] for row in results["summary"]]
+    assert rows == [
+        "baseline",
+        "uskd method.alpha=0.1",
+        "uskd method.alpha=0.4",
+        "uskd[rank=weak] method.alpha=0.1",
+        "uskd[rank=weak] method.alpha=0.4",
+    ]
+    folders = sorted({path.name for _, _, path, _ in calls})
+    assert folders == sorted(
+        f"{name}-s{seed}"
+        for name in ("baseline", "uskd_method.alpha_0.1", "uskd_method.alpha_0.4", "uskd_rank_weak_method.alpha_0.1",
+                     "uskd_rank_weak_method.alpha_0.4")
+        for seed in (0, 1)
+    )  # fmt: skip
+    weak = next(o for c, o, path, _ in calls if path.name == "uskd_rank_weak_method.alpha_0.4-s1")
+    assert (
+        weak.index("method.rank=weak") < weak.index("method.alpha=0.4") < weak.index(f"data.root={fashion_mnist_root}")
+    )
+    by_row = {row["method"]: row for row in results["summary"]}
+    assert by_row["uskd method.alpha=0.4"]["grid"] == {"method.alpha": "0.4"}
+    assert by_row["uskd method.alpha=0.4"]["column"] == "uskd" and by_row["baseline"]["grid"] == {}
+    assert by_row["uskd method.alpha=0.4"]["deltas"] == pytest.approx([4.0, 4.0])  # paired with the one baseline
+    assert results["grid"] == {"method.alpha": ["0.1", "0.4"]} and results["files"][-1] == "sweep.png"
+    table = (tmp_path / "results.md").read_text()
+    assert (
+        "Grid: method.alpha in 0.1, 0.4, for uskd, uskd[rank=weak]; the baseline has no method.* key and is " in table
+    )
+    assert "| uskd[rank=weak] method.alpha=0.4 | 84.05 +- 0.07 |" in table
+    assert (tmp_path / "sweep.png").stat().st_size > 0 and not (tmp_path / "bars.png").exists()
+
+
+def test_a_non_method_grid_key_sweeps_the_baseline_too(tmp_path, monkeypatch, fashion_mnist_root):
+    import unikd.bench as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run_training", _fake_training(calls))
+    results = run_bench(
+        "fmnist-demo", tmp_path, seeds=[0], overrides=[f"data.root={fashion_mnist_root}"],
+        grid=["method.alpha=0.1,0.2", "optim.lr=0.05,0.1"], log=lambda m: None,
+    )  # fmt: skip
+    by_row = {row["method"]: row for row in results["summary"]}
+    assert list(by_row)[:2] == ["baseline optim.lr=0.05", "baseline optim.lr=0.1"]
+    assert len(by_row) == 2 + 4 and len(calls) == 6
+    assert by_row["uskd method.alpha=0.2 optim.lr=0.1"]["deltas"] == pytest.approx([2.0])
+    assert (
+        "the baseline is trained at every value of the grid's non-method keys" in (tmp_path / "results.md").read_text()
+    )
+
+
+def test_grid_and_override_conflicts_and_bad_columns_fail_before_any_training(
+    tmp_path, monkeypatch, fashion_mnist_root
+):
+    import unikd.bench as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run_training", _fake_training(calls))
+    root = f"data.root={fashion_mnist_root}"
+
+    def error(**kwargs):
+        kwargs.setdefault("overrides", [root])
+        with pytest.raises(UnikdError) as caught:
+            run_bench(kwargs.pop("profile", "fmnist-cpu"), tmp_path, log=lambda m: None, **kwargs)
+        return str(caught.value)
+
+    assert error(methods=["uskd[rank=weak]"], grid=["method.rank=paper,sum"]) == (
+        "--grid method.rank: column uskd[rank=weak] sets method.rank itself"
+    )
+    assert error(methods=["uskd[rank=weak]"], overrides=[root, "method.rank=sum"]) == (
+        "method.rank=sum: column uskd[rank=weak] sets method.rank itself; drop one of them"
+    )
+    assert error(methods=["uskd"], overrides=[root, "method.alpha=1"], grid=["method.alpha=0.1,0.2"]) == (
+        "method.alpha=1: method.alpha is also a --grid key; give it in one place"
+    )
+    assert error(methods=["baseline"], grid=["method.alpha=0.1,0.2"]) == (
+        "--grid method.alpha: no column to sweep (the baseline has no method.* keys)"
+    )
+    # Every run's config is built up front: a key that one column lacks fails before the first run trains.
+    message = error(methods=["uskd", "ls"], grid=["method.alpha=0.1,0.2"], seeds=[3])
+    assert message.startswith("ls method.alpha=0.1, seed 3 (configs/fmnist_ls.yaml): method.alpha: unknown key for ")
+    assert error(methods=["uskd[rnak=weak]"]).startswith(
+        "uskd[rnak=weak], seed 0 (configs/fmnist_uskd.yaml): method.rnak: unknown key for method 'uskd'"
+    )
+    assert error(methods=["uskd[rank=wek]"]).startswith(
+        "uskd[rank=wek], seed 0 (configs/fmnist_uskd.yaml): method.rank"
+    )
+    assert error(methods=["mixup[p=1]"]).startswith("--methods: ['mixup[p=1]'] not in profile fmnist-cpu (baseline, ")
+    assert calls == []
+
+
+def test_paper_table_profiles_are_the_rows_files_variants():
+    """fmnist-table9-rank and fmnist-table5-nkd run the method overrides of configs/paper/table09/table05's rows."""
+    import yaml
+
+    from unikd.bench import config_path, parse_column
+
+    for profile_name, rows_file, method in (
+        ("fmnist-table9-rank", "configs/paper/table09_rank.yaml", "uskd"),
+        ("fmnist-table5-nkd", "configs/paper/table05_nkd_terms.yaml", "nkd"),
+    ):
+        rows = yaml.safe_load(config_path(rows_file).read_text())["rows"]
+        expected = [sorted(o for o in row["overrides"] if o.startswith("method.")) for row in rows.values()]
+        profile = PROFILES[profile_name]
+        columns = [parse_column(column) for column in profile.methods if column != "baseline"]
+        assert {name for name, _ in columns} == {method}
+        # A row without a method override is the method's default (NKD's normalised term, USKD's Eq. 10 rank): the
+        # profile names that default explicitly so that the table says what it ran.
+        defaults = {"nkd": ["method.non_target_loss=normalized"], "uskd": ["method.rank=paper"]}
+        assert sorted(sorted(variant) for _, variant in columns) == sorted(e or defaults[method] for e in expected)
+    assert PROFILES["fmnist-table5-nkd"].teacher_config == PROFILES["fmnist-cpu"].teacher_config
+    assert PROFILES["fmnist-table5-nkd"].teacher_overrides == PROFILES["fmnist-cpu"].teacher_overrides
+    for name in ("fmnist-table9-rank", "fmnist-table5-nkd"):
+        assert PROFILES[name].overrides == PROFILES["fmnist-cpu"].overrides and PROFILES[name].seeds == (0, 1, 2)
+
+
+def test_every_teacher_method_is_in_the_fmnist_and_cifar_kd_profiles():
+    from unikd.bench import TEACHER_METHODS
+
+    assert TEACHER_METHODS == ("kd", "dkd", "nkd", "wsld")
+    for name in ("fmnist-cpu", "fmnist-gpu", "cifar100-kd"):
+        assert set(TEACHER_METHODS) <= set(PROFILES[name].methods), name
+    assert PROFILES["cifar100-kd"].method_sections["wsld"] == {"name": "wsld", "temperature": 4.0, "alpha": 2.25}
+
+
+def test_figure_profiles_sweep_uskd_on_the_imagenet_configs():
+    from unikd.bench import parse_grid
+
+    expected = {
+        "fig4-alpha": ["method.alpha", ["0.6", "0.8", "1", "1.2", "1.4"]],
+        "fig5-beta": ["method.beta", ["0.06", "0.08", "0.1", "0.12", "0.14"]],
+        "fig6-mu": ["method.mu", ["0.003", "0.004", "0.005", "0.006", "0.007"]],
+    }
+    for figure, (key, values) in expected.items():
+        for model, config in (("resnet18", "resnet18"), ("regnetx016", "regnetx_016")):
+            profile = PROFILES[f"imagenet-{figure}-{model}"]
+            assert parse_grid(profile.grid) == {key: values}
+            assert profile.configs == {m: f"configs/imagenet_selfkd_{config}.yaml" for m in ("baseline", "uskd")}
+            assert profile.method_sections == {"baseline": {"name": "baseline"}}
+
+
+@pytest.mark.parametrize("profile", ["fmnist-table9-rank", "fmnist-table5-nkd"])
+def test_paper_table_profiles_train_tiny(profile, tmp_path, fashion_mnist_root):
+    from unikd.bench import _slug, parse_column
+
+    results = run_bench(
+        profile, tmp_path, seeds=[0], overrides=[f"data.root={fashion_mnist_root}", *TINY], log=lambda m: None
+    )
+    assert [row["method"] for row in results["summary"]] == list(PROFILES[profile].methods)
+    for column in PROFILES[profile].methods[1:]:  # each run's stored config holds its variant
+        method, variant = parse_column(column)
+        key, value = variant[0].removeprefix("method.").split("=")
+        config = (tmp_path / "runs" / f"{_slug(column)}-s0" / "config.yaml").read_text()
+        assert f"  name: {method}\n" in config and f"  {key}: {value}\n" in config
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {column} |" in table for column in PROFILES[profile].methods)
+    assert (tmp_path / "bars.png").stat().st_size > 0
+
+
+def test_the_sweep_profile_trains_tiny_resumes_and_reuses_finished_points(
+    tmp_path, fashion_mnist_root, monkeypatch, capsys
+):
+    from unikd.cli import main
+
+    overrides = [f"data.root={fashion_mnist_root}", *TINY]
+    out = tmp_path / "sweep"
+    args = ["bench", "fmnist-sweep-alpha", *overrides, "--out", str(out), "--seeds", "0", "--grid"]
+    assert main([*args, "method.alpha=0.05,0.2"]) == 0
+    stdout = capsys.readouterr().out
+    assert "| uskd method.alpha=0.05 |" in stdout and "| baseline |" in stdout
+    assert stdout.rstrip().endswith(f"results.json, results.md, curves.png, sweep.png in {out}")
+    results = json.loads((out / "results.json").read_text())
+    assert [row["method"] for row in results["summary"]] == [
+        "baseline",
+        "uskd method.alpha=0.05",
+        "uskd method.alpha=0.2",
+    ]
+    assert "  alpha: 0.2\n" in (out / "runs" / "uskd_method.alpha_0.2-s0" / "config.yaml").read_text()
+
+    # A killed sweep (one point lost its final.json) continues: only that point trains, resumed; a wider grid trains
+    # only its new point and reuses every finished one.
+    (out / "runs" / "uskd_method.alpha_0.2-s0" / "final.json").unlink()
+    calls = []
+    real_train = unikd.train.train
+
+    def recording_train(cfg, *, resume=False):
+        calls.append((cfg.output_dir, resume))
+        return real_train(cfg, resume=resume)
+
+    monkeypatch.setattr(unikd.train, "train", recording_train)
+    assert main([*args, "method.alpha=0.05,0.2,0.4"]) == 0
+    assert calls == [
+        (str(out / "runs" / "uskd_method.alpha_0.2-s0"), True),
+        (str(out / "runs" / "uskd_method.alpha_0.4-s0"), False),
+    ]
+    capsys.readouterr()
+    assert main([*args, "method.alpha=0.05,0.2,0.4"]) == 0 and len(calls) == 2  # everything finished: nothing trains
+
+
+def test_sweep_chart_plots_top1_against_the_values_with_the_baseline_as_a_reference():
+    import matplotlib.pyplot as plt
+
+    from unikd.bench import sweep_chart
+
+    def sweep(column, key, values, seeds):
+        """Baseline rows (79 + seed) and one row per value of key (80, 81, 82 + seed), summarised together."""
+        runs, labels = [_run("baseline", s, 79.0 + s, 1.0) for s in range(seeds)], ["baseline"]
+        for index, value in enumerate(values):
+            labels.append(f"{column} {key}={value}")
+            for seed in range(seeds):
+                runs.append(
+                    {**_run(labels[-1], seed, 80.0 + index + seed, 1.0), "column": column, "grid": {key: value}}
+                )
+        return summarize(runs, labels)
+
+    for seeds in (1, 3):
+        summary = sweep("uskd", "method.alpha", ["0.025", "0.1", "0.4"], seeds)
+        figure = sweep_chart(summary, {"method.alpha": ["0.025", "0.1", "0.4"]})
+        axis = figure.axes[0]
+        assert axis.get_xscale() == "log" and [t.get_text() for t in axis.get_xticklabels()] == ["0.025", "0.1", "0.4"]
+        (uskd,) = [c for c in axis.containers if c.get_label() == "uskd"]  # errorbar: data line + error bars
+        assert list(uskd.lines[0].get_ydata()) == pytest.approx([80 + (seeds - 1) / 2 + d for d in (0, 1, 2)])
+        assert uskd.has_yerr == (seeds > 1) and axis.get_xlabel() == "method.alpha"
+        (baseline,) = [line for line in axis.get_lines() if line.get_label() == "baseline (not swept)"]
+        assert list(baseline.get_ydata()) == pytest.approx([79 + (seeds - 1) / 2] * 2)  # a horizontal reference line
+        assert len(axis.patches) == (1 if seeds > 1 else 0)  # its +- std band
+        plt.close(figure)
+    figure = sweep_chart(sweep("uskd", "method.rank", ["weak", "paper"], 1), {"method.rank": ["weak", "paper"]})
+    assert figure.axes[0].get_xscale() == "linear" and list(figure.axes[0].get_xticks()) == [0.0, 1.0]
+    plt.close(figure)

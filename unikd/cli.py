@@ -85,9 +85,11 @@ def _softlabels(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from unikd.bench import run_bench
 
-    results = run_bench(args.profile, args.out, methods=args.methods, seeds=args.seeds, overrides=args.overrides)
+    results = run_bench(
+        args.profile, args.out, methods=args.methods, seeds=args.seeds, overrides=args.overrides, grid=args.grid
+    )
     print((Path(args.out) / "results.md").read_text(), end="")
-    print(f"unikd bench: {results['profile']} done; results.json, curves.png and bars.png in {args.out}")
+    print(f"unikd bench: {results['profile']} done; {', '.join(results['files'])} in {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,17 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
     softlabels.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the checkpoint's config")
     softlabels.set_defaults(func=_softlabels)
 
+    from unikd.bench import PROFILES  # no torch: the profiles are plain data
+
     bench = commands.add_parser(
         "bench",
-        help="train methods side by side over paired seeds",
+        help="train methods side by side over paired seeds, or sweep a key",
         description="Train the methods of a profile over N paired seeds (resumable) and write results.json, "
-        "results.md, curves.png and bars.png. Profiles: fmnist-cpu, fmnist-demo, fmnist-gpu, cifar100-kd, "
-        "cifar100-selfkd.",
+        "results.md, curves.png and bars.png (with --grid: sweep.png, top-1 against the swept values). Profiles: "
+        f"{', '.join(PROFILES)}.",
     )
     bench.add_argument("profile", metavar="PROFILE", help="benchmark profile, e.g. fmnist-cpu")
     bench.add_argument("--out", required=True, metavar="DIR", help="output folder (a rerun continues it)")
-    bench.add_argument("--methods", nargs="+", metavar="METHOD", help="a subset of the profile's methods")
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help="a subset of the profile's methods, or variants of them: 'uskd[rank=weak]' (quote the brackets)",
+    )
     bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the profile's)")
+    bench.add_argument(
+        "--grid",
+        action="append",
+        metavar="KEY=V1,V2,...",
+        help="sweep a config key over values (repeat for the product), e.g. method.alpha=0.6,0.8,1.0; method.* keys "
+        "skip the baseline (trained once per seed); replaces a sweep profile's own grid",
+    )
     bench.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
     bench.set_defaults(func=_bench)
     return parser
