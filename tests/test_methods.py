@@ -220,9 +220,11 @@ def test_forward_student_returns_what_the_method_asks_for():
     torch.testing.assert_close(with_feature.logits, plain.logits)
     dense = forward_student(model, images, "dense_logits")
     assert dense.dense_logits.shape[0] == 2 and dense.dense_logits.shape[2] == NUM_CLASSES
-    with pytest.raises(
-        ValueError, match=re.escape("student_output must be None, 'feature' or 'dense_logits', got 'feat'")
-    ):
+    feature_map = forward_student(model, images, "feature_map")  # (N, L, D) whose mean over L is the feature
+    assert feature_map.feature.dim() == 3 and feature_map.feature.shape[::2] == (2, models.feature_dim(model))
+    torch.testing.assert_close(feature_map.feature.mean(1), with_feature.feature)
+    message = "student_output must be None, 'feature', 'feature_map' or 'dense_logits', got 'feat'"
+    with pytest.raises(ValueError, match=re.escape(message)):
         forward_student(model, images, "feat")
 
 

@@ -188,15 +188,16 @@ def forward_student(
     """Run the student once and return what the method asked for (``Method.student_output``).
 
     ``None``: plain ``model(images)``. ``"feature"``: logits (N, C) and the pooled feature (N, D) at ``layer`` (see
-    ``unikd.models.forward_with_feature``).
+    ``unikd.models.forward_with_feature``). ``"feature_map"``: logits and the same feature unpooled, locations x
+    channels (N, L, D) (``forward_with_feature(..., pool=False)``; for USKD's per-location weak-head LayerNorm).
     ``"dense_logits"``: logits (N, C) and the classifier applied at each location of the last feature map (N, L, C).
     """
     if student_output is None:
         return StudentOutput(logits=model(images))
-    if student_output == "feature":
-        logits, feature = forward_with_feature(model, images, layer=layer)
+    if student_output in ("feature", "feature_map"):
+        logits, feature = forward_with_feature(model, images, layer=layer, pool=student_output == "feature")
         return StudentOutput(logits=logits, feature=feature)
     if student_output == "dense_logits":
         logits, dense_logits = forward_with_dense_logits(model, images)
         return StudentOutput(logits=logits, dense_logits=dense_logits)
-    raise ValueError(f"student_output must be None, 'feature' or 'dense_logits', got {student_output!r}")
+    raise ValueError(f"student_output must be None, 'feature', 'feature_map' or 'dense_logits', got {student_output!r}")

@@ -21,6 +21,7 @@ What the trainer must provide depends on the options, and the instance says so:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import torch
@@ -79,8 +80,9 @@ class USKD(CEPlusTerm):
         # at each call. The weak head's norm never reaches the loss, so a method built directly checks it here.
         if weak_norm not in WEAK_NORMS:
             raise ConfigError(f"method.weak_norm: {weak_norm!r} is not one of {', '.join(WEAK_NORMS)}")
-        uses_weak_head = mu != 0 or (beta != 0 and rank != "final")
-        if uses_weak_head and feature_dim is None:
+        params = {"mu": mu, "beta": beta, "rank": rank, "weak_norm": weak_norm}
+        student_output = self.student_output_for(params)
+        if student_output is not None and feature_dim is None:
             raise ValueError(
                 "method 'uskd' needs feature_dim (the width of the student feature its weak head reads); "
                 "get it with unikd.models.feature_dim(model, layer)"
@@ -96,10 +98,9 @@ class USKD(CEPlusTerm):
         self.weak_norm = weak_norm
         self.teacher_source = self.teacher_source_for({"target_soft_label": target_soft_label})
         self.needs_teacher = self.teacher_source == "checkpoint"
-        if not uses_weak_head:
-            self.student_output = None
+        self.student_output = student_output
+        if student_output is None:
             return
-        self.student_output = "feature_map" if weak_norm == "layernorm" else "feature"
         if weak_norm == "layernorm":
             self.weak_head_norm = nn.LayerNorm(feature_dim)
         self.weak_head = nn.Linear(feature_dim, num_classes)
@@ -108,6 +109,16 @@ class USKD(CEPlusTerm):
     def teacher_source_for(cls, params: dict[str, Any]) -> Literal["checkpoint", "ema"] | None:
         """Where ``teacher_logits`` come from for these hyper-parameters; None: the method takes none."""
         return TEACHER_SOURCES.get(params.get("target_soft_label", "squared"))
+
+    @classmethod
+    def student_output_for(cls, params: dict[str, Any]) -> Literal["feature", "feature_map"] | None:
+        """The student feature the weak head reads: none when nothing uses a weak head (beta = 0 or
+        ``rank="final"``, and mu = 0), the unpooled map for ``weak_norm="layernorm"``, else the pooled feature."""
+        defaults = {key: value.default for key, value in inspect.signature(cls.__init__).parameters.items()}
+        mu, beta, rank, weak_norm = ({**defaults, **params}[key] for key in ("mu", "beta", "rank", "weak_norm"))
+        if mu == 0 and (beta == 0 or rank == "final"):
+            return None
+        return "feature_map" if weak_norm == "layernorm" else "feature"
 
     def weak_logits(self, feature: torch.Tensor) -> torch.Tensor:
         """The weak head's logits (N, C) from the pooled feature (N, D), or with ``weak_norm="layernorm"`` from the

@@ -156,13 +156,27 @@ def _pool(feature: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return feature.flatten(1)
 
 
+def _locations(feature: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Stage output -> (N, L, D), the locations whose mean is ``_pool``'s feature: a map's h*w positions, a ViT's
+    class token alone (L = 1; its pooled feature is that token), the tokens of a model without prefix tokens."""
+    if feature.ndim == 4:
+        channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
+        return feature.flatten(1, 2) if channels_last else feature.flatten(2).transpose(1, 2)
+    if feature.ndim == 3:
+        return feature[:, :1] if getattr(model, "num_prefix_tokens", 0) > 0 else feature
+    return feature.flatten(1)[:, None]
+
+
 def forward_with_feature(
-    model: nn.Module, images: torch.Tensor, layer: Layer = "mid"
+    model: nn.Module, images: torch.Tensor, layer: Layer = "mid", *, pool: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, C) and the pooled intermediate feature (N, D) of USKD Eq. 8, from one forward pass.
 
     The feature is not detached (USKD's weak loss trains the backbone through it). ``layer`` is ``"mid"`` (the
     released default, see the module docstring), a stage index into the model's stages, or a module name.
+    ``pool=False`` returns the feature before pooling, as locations x channels (N, L, D), whose mean over L is the
+    pooled feature (a CNN's or Swin's h*w positions; a ViT's class token, L = 1): for a per-location LayerNorm before
+    pooling, as mmpretrain's Swin applies to the stage the released weak head reads.
     A model wrapped in DistributedDataParallel runs through the wrapper (hooks) so that gradients stay synced.
     """
     inner = unwrap(model)
@@ -172,13 +186,17 @@ def forward_with_feature(
         final, (intermediate,) = inner.forward_intermediates(images, indices=[tap.stage_index], **extra)
         if _is_vit(inner):
             spatial, prefix_tokens = intermediate
-            feature = prefix_tokens[:, 0] if prefix_tokens.shape[1] else spatial.mean(dim=(2, 3))
-        else:
-            feature = intermediate.mean(dim=(2, 3))  # intermediates are NCHW
+            if prefix_tokens.shape[1]:
+                feature = prefix_tokens[:, 0] if pool else prefix_tokens[:, :1]
+            else:
+                feature = spatial.mean(dim=(2, 3)) if pool else spatial.flatten(2).transpose(1, 2)
+        else:  # intermediates are NCHW
+            feature = intermediate.mean(dim=(2, 3)) if pool else intermediate.flatten(2).transpose(1, 2)
         return inner.forward_head(final), feature
     with _capture(inner, tap.module) as captured:
         logits = model(images)
-    return logits, _pool(_single(captured, tap.module), inner)
+    feature = _single(captured, tap.module)
+    return logits, _pool(feature, inner) if pool else _locations(feature, inner)
 
 
 def _final_feature_map(model: nn.Module) -> tuple[str, bool]:
