@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -128,12 +129,18 @@ def test_bars_start_at_zero_and_show_error_bars_only_over_several_seeds(seeds):
     plt.close(figure)
 
 
-def test_profiles_point_at_existing_configs():
-    from unikd.bench import config_path
+def test_profiles_point_at_existing_configs_and_every_run_of_every_profile_validates(tmp_path):
+    from unikd.bench import _check_configs, _columns, _plan, config_path, parse_grid
 
     for name, profile in PROFILES.items():
         for config in [*profile.configs.values(), *([profile.teacher_config] if profile.teacher_config else [])]:
             assert config_path(config).is_file(), (name, config)
+        runs = _plan(
+            profile, _columns(profile, name, None), parse_grid(profile.grid), list(profile.seeds), [], tmp_path
+        )
+        teacher = (profile.teacher_config, [*profile.overrides, *profile.teacher_overrides], tmp_path / "teacher")
+        _check_configs(runs, teacher if profile.teacher_config else None)  # raises, naming the run, if one is invalid
+        assert len(runs) == len({run.output_dir for run in runs}), name
 
 
 def test_unknown_profile_and_method_are_clear_errors(tmp_path):
@@ -323,7 +330,7 @@ def test_paper_table_profiles_are_the_rows_files_variants():
     """fmnist-table9-rank and fmnist-table5-nkd run the method overrides of configs/paper/table09/table05's rows."""
     import yaml
 
-    from unikd.bench import config_path, parse_column
+    from unikd.bench import config_path, parse_column, parse_grid
 
     for profile_name, rows_file, method in (
         ("fmnist-table9-rank", "configs/paper/table09_rank.yaml", "uskd"),
@@ -342,6 +349,13 @@ def test_paper_table_profiles_are_the_rows_files_variants():
     assert PROFILES["fmnist-table5-nkd"].teacher_overrides == PROFILES["fmnist-cpu"].teacher_overrides
     for name in ("fmnist-table9-rank", "fmnist-table5-nkd"):
         assert PROFILES[name].overrides == PROFILES["fmnist-cpu"].overrides and PROFILES[name].seeds == (0, 1, 2)
+    # Table 10's rows (NKD's temperature) are the grid of the CIFAR-100 sweep profile, on the rows file's base config.
+    rows_file = yaml.safe_load(config_path("configs/paper/table10_nkd_temperature.yaml").read_text())
+    temperatures = [float(o.split("=")[1]) for row in rows_file["rows"].values() for o in row["overrides"]
+                    if o.startswith("method.temperature=")]  # fmt: skip
+    table10 = PROFILES["cifar100-table10-temperature"]
+    (values,) = parse_grid(table10.grid).values()
+    assert [float(value) for value in values] == temperatures and table10.configs["nkd"] == rows_file["base"]
 
 
 def test_every_teacher_method_is_in_the_fmnist_and_cifar_kd_profiles():
@@ -458,3 +472,33 @@ def test_sweep_chart_plots_top1_against_the_values_with_the_baseline_as_a_refere
     figure = sweep_chart(sweep("uskd", "method.rank", ["weak", "paper"], 1), {"method.rank": ["weak", "paper"]})
     assert figure.axes[0].get_xscale() == "linear" and list(figure.axes[0].get_xticks()) == [0.0, 1.0]
     plt.close(figure)
+
+
+def test_a_sweep_runs_under_torchrun_with_one_process_group_and_rank_0_writing(tmp_path, fashion_mnist_root):
+    """Two gloo processes: every run is one DDP job (the trainer joins the bench's process group; one it made itself
+    could not be made again for the next run), and only rank 0 prints and writes the bench's files."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        "-m", "unikd", "bench", "fmnist-sweep-alpha", f"data.root={fashion_mnist_root}", *TINY,
+        "--out", str(out), "--seeds", "0", "--grid", "method.alpha=0.05,0.2",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("unikd bench: fmnist-sweep-alpha done") == 1
+    assert done.stdout.count("[bench] baseline seed 0 -> ") == 1 and "device cpu x 2 processes" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [row["method"] for row in results["summary"]] == [
+        "baseline",
+        "uskd method.alpha=0.05",
+        "uskd method.alpha=0.2",
+    ]

@@ -44,6 +44,7 @@ import json
 import os
 import re
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,17 @@ PROFILES: dict[str, Profile] = {
         seeds=(0, 1, 2),
         overrides=("train.progress=false",),
         teacher_config="configs/cifar100_teacher_resnet32x4.yaml",
+    ),
+    "cifar100-table10-temperature": Profile(
+        description="Paper Table 10 as a sweep: NKD's temperature 1-4 on CIFAR-100, ResNet34 -> ResNet18 "
+        "(the released recipe, 200 epochs; configs/paper/table10_nkd_temperature.yaml has the same rows), one "
+        "teacher trained by configs/cifar100_teacher_resnet34.yaml, 3 seeds. Needs CIFAR-100.",
+        configs={m: "configs/cifar100_kd_resnet34_resnet18.yaml" for m in ("baseline", "nkd")},
+        method_sections={"baseline": {"name": "baseline"}},
+        seeds=(0, 1, 2),
+        overrides=("train.progress=false",),
+        teacher_config="configs/cifar100_teacher_resnet34.yaml",
+        grid=("method.temperature=1,2,3,4",),
     ),
     "cifar100-selfkd": Profile(
         description="CIFAR-100, paper Table 2 self-KD with ResNet18 (200 epochs, 3 seeds). Needs CIFAR-100.",
@@ -375,8 +387,15 @@ def run_training(config: str, overrides: list[str], output_dir: Path, method_sec
     return result
 
 
-def _check_configs(runs: list[_Run], teacher: tuple[str, list[str], Path] | None) -> None:
-    """Build every run's config (files unchecked: the teacher's checkpoint is made by the bench) before any trains."""
+def _check_configs(runs: list[_Run], teacher: tuple[str, list[str], Path] | None) -> str:
+    """Build every run's config (files unchecked: the teacher's checkpoint is made by the bench) before any trains;
+    return the first run's ``train.device``. Warnings wait for the runs themselves, which build their configs again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _check_each_config(runs, teacher)
+
+
+def _check_each_config(runs: list[_Run], teacher: tuple[str, list[str], Path] | None) -> str:
     if teacher is not None:
         try:
             _build_config(*teacher, None, check_files=False)
@@ -390,6 +409,39 @@ def _check_configs(runs: list[_Run], teacher: tuple[str, list[str], Path] | None
         method = parse_column(run.column)[0]
         if cfg.method.name != method:
             raise UnikdError(f"column {run.column}: {run.config} trains method {cfg.method.name!r}, not {method!r}")
+    return cfg.train.device
+
+
+def _train_runs(
+    runs: list[_Run], teacher_run: tuple[str, list[str], Path] | None, device: str, log
+) -> tuple[dict | None, list[dict], bool]:
+    """Train the teacher (if any), then every run in order: (teacher result, run results, whether this is rank 0).
+
+    Under torchrun one process group serves every run: the trainer joins a group that exists and leaves it alone,
+    whereas a group it created itself is destroyed after its run, and a second one cannot be set up in the same
+    processes.
+    """
+    import torch.distributed as dist
+
+    from unikd._distributed import init_distributed
+
+    info, _, owns_group = init_distributed(device)
+    try:
+        teacher = None
+        if teacher_run is not None:
+            log(f"[bench] teacher: {teacher_run[0]} -> {teacher_run[2]}")
+            teacher = run_training(*teacher_run)
+            log(f"[bench] teacher top-1 {teacher['best_top1']:.2f}")
+        results = []
+        for run in runs:
+            log(f"[bench] {run.row} seed {run.seed} -> {run.output_dir}")
+            result = run_training(run.config, run.overrides, run.output_dir, run.method_section)
+            log(f"[bench] {run.row} seed {run.seed}: last top-1 {result['last_top1']:.2f}")
+            results.append({"method": run.row, "column": run.column, "grid": run.point, "seed": run.seed, **result})
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+    return teacher, results, info.is_main
 
 
 def run_bench(
@@ -406,6 +458,8 @@ def run_bench(
 
     ``grid``: ``--grid`` specs (``["method.alpha=0.6,0.8"]``); None runs the profile's own grid (most have none).
     """
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for all, as the trainer does
+        log = _quiet
     profile = get_profile(profile_name)
     columns = _columns(profile, profile_name, methods)
     grid_values = parse_grid(profile.grid if grid is None else grid)
@@ -423,21 +477,9 @@ def run_bench(
     if needs_teacher:
         teacher_run = (profile.teacher_config, [*profile.overrides, *profile.teacher_overrides, *overrides],
                        out_dir / "teacher")  # fmt: skip
-    _check_configs(runs, teacher_run)
-
-    teacher = None
-    if teacher_run is not None:
-        log(f"[bench] teacher: {profile.teacher_config} -> {out_dir / 'teacher'}")
-        teacher = run_training(*teacher_run)
-        log(f"[bench] teacher top-1 {teacher['best_top1']:.2f}")
-
+    device = _check_configs(runs, teacher_run)
     log(f"[bench] {len(runs)} runs: {len(runs) // len(seeds)} rows x {len(seeds)} seeds -> {out_dir / 'runs'}")
-    results_runs = []
-    for run in runs:
-        log(f"[bench] {run.row} seed {run.seed} -> {run.output_dir}")
-        result = run_training(run.config, run.overrides, run.output_dir, run.method_section)
-        log(f"[bench] {run.row} seed {run.seed}: last top-1 {result['last_top1']:.2f}")
-        results_runs.append({"method": run.row, "column": run.column, "grid": run.point, "seed": run.seed, **result})
+    teacher, results_runs, is_main = _train_runs(runs, teacher_run, device, log)
 
     rows = list(dict.fromkeys(run.row for run in runs))
     baseline_of = {run.row: _baseline_row(run.point) for run in runs}
@@ -457,12 +499,16 @@ def run_bench(
     note = _grid_note(grid_values, swept)
     files = ["results.json", "results.md", "curves.png", "sweep.png" if grid_values else "bars.png"]
     results["files"] = files
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank ran the same runs; one writes
+    if is_main:  # under torchrun every rank ran the same runs; one writes
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (out_dir / "results.md").write_text(markdown_table(summary, profile_name, seeds, machine, note) + "\n")
         plot_results(results_runs, summary, out_dir, grid_values)
     return results
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _baseline_row(point: dict[str, str]) -> str:

@@ -83,13 +83,16 @@ def _softlabels(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    from os import environ
+
     from unikd.bench import run_bench
 
     results = run_bench(
         args.profile, args.out, methods=args.methods, seeds=args.seeds, overrides=args.overrides, grid=args.grid
     )
-    print((Path(args.out) / "results.md").read_text(), end="")
-    print(f"unikd bench: {results['profile']} done; {', '.join(results['files'])} in {args.out}")
+    if environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the files
+        print((Path(args.out) / "results.md").read_text(), end="")
+        print(f"unikd bench: {results['profile']} done; {', '.join(results['files'])} in {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
