@@ -502,3 +502,26 @@ def test_a_sweep_runs_under_torchrun_with_one_process_group_and_rank_0_writing(t
         "uskd method.alpha=0.05",
         "uskd method.alpha=0.2",
     ]
+
+
+def test_docs_paper_names_only_configs_and_profiles_that_exist():
+    """docs/PAPER.md: every config path (with {a,b} alternatives) is a file, every bench profile is one."""
+    import re
+    from pathlib import Path
+
+    from unikd.detection.bench import PROFILES as DETECTION_PROFILES
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "PAPER.md").read_text()
+    paths = set()
+    for found in re.findall(r"configs/[\w/{},.-]+\.yaml", text):
+        brace = re.search(r"\{([^}]*)\}", found)
+        options = brace[1].split(",") if brace else [""]
+        paths |= {found[: brace.start()] + option + found[brace.end() :] if brace else found for option in options}
+    assert len(paths) > 30 and [path for path in sorted(paths) if not (root / path).is_file()] == []
+    named = set(re.findall(r"unikd bench ([\w-]+)", text)) | set(re.findall(r"`(imagenet-fig[\w-]+)`", text))
+    assert named - set(PROFILES) == {"PROFILE"} and "fmnist-table9-rank" in named  # PROFILE: the usage line
+    assert set(re.findall(r"unikd detect bench ([\w-]+)", text)) <= set(DETECTION_PROFILES)
+    rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")}
+    assert {f"Table {n}" for n in range(3, 16)} | {"Table 1, CIFAR-100", "Table 2, ImageNet"} <= rows
+    assert {f"Figure {n}" for n in range(3, 7)} <= rows
