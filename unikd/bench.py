@@ -463,7 +463,9 @@ def run_bench(
     profile = get_profile(profile_name)
     columns = _columns(profile, profile_name, methods)
     grid_values = parse_grid(profile.grid if grid is None else grid)
-    seeds = list(profile.seeds if seeds is None else seeds)
+    seeds = list(dict.fromkeys(profile.seeds if seeds is None else seeds))
+    if not seeds:
+        raise UnikdError("--seeds: no seed given")
     out_dir = Path(out_dir)
     overrides = list(overrides)
     runs = _plan(profile, columns, grid_values, seeds, overrides, out_dir)
