@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from torch.utils.data import DataLoader
+from torch_files import save
 
 from unikd import cli
+from unikd.config import DataConfig
+from unikd.data import build_datasets
 from unikd.methods import METHODS
-from unikd.models import load_state_dict_file, load_teacher
+from unikd.models import create_model, export_state_dict, load_state_dict_file, load_teacher
+from unikd.models._mdistiller import to_mdistiller
+from unikd.train import evaluate
 
 REPO = Path(__file__).parents[1]
-COMMANDS = ["train", "eval", "export", "config", "softlabels", "bench"]
+COMMANDS = ["train", "eval", "export", "config", "softlabels", "bench", "detect"]
 
 
 def _run_module(*args: str) -> subprocess.CompletedProcess:
@@ -158,6 +165,116 @@ def test_eval_passes_overrides_and_data(monkeypatch, capsys):
         "unikd eval: cifar/smallcnn from run/best.pt, val split of mnist (10000 images)\n"
         "top-1 90.50  top-5 99.75  loss 0.3123\n"
     )
+    # Overrides may follow the options too (argparse alone would refuse them there); anything else still may not.
+    calls.clear()
+    assert _main(capsys, "eval", "run/best.pt", "a.b=1", "--data", "/d", "c.d=2", "e.f=3")[0] == 0
+    assert calls == [("run/best.pt", ["a.b=1", "c.d=2", "e.f=3", "data.root=/d"])]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "run/best.pt", "--data", "/d", "c.d=2", "--nope"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: c.d=2 --nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["export", "run/best.pt", "out.pt", "c.d=2"])  # export takes no overrides
+
+
+def test_eval_model_passes_the_name_file_format_and_overrides(monkeypatch, capsys):
+    calls = []
+
+    def fake_evaluate_weights(name, path, overrides, *, layout):
+        calls.append((name, path, overrides, layout))
+        details = {"split": "val", "images": 50000, "dataset": "imagefolder", "model_name": name}
+        extra = {"weights": "r18.pth: torch zip file; mmengine checkpoint; mmpretrain layout", "transform": "resize"}
+        return {"top1": 69.9, "top5": 89.1, "loss": 1.2, **details, **extra}
+
+    monkeypatch.setattr("unikd.train.evaluate_weights", fake_evaluate_weights)
+    args = ["eval", "--model", "mmpretrain/resnet18_8xb32_in1k", "r18.pth", "--data", "/in1k", "train.device=cpu"]
+    status, out, _ = _main(capsys, *args)
+    assert status == 0 and calls == [
+        ("mmpretrain/resnet18_8xb32_in1k", "r18.pth", ["train.device=cpu", "data.root=/in1k"], "auto")
+    ]
+    assert out.splitlines()[1:3] == ["  read r18.pth: torch zip file; mmengine checkpoint; mmpretrain layout",
+                                     "  transform: resize"]  # fmt: skip
+    assert _main(capsys, *args, "--format", "mmpretrain")[0] == 0 and calls[-1][3] == "mmpretrain"
+
+
+def test_a_detection_config_given_to_unikd_train_points_to_unikd_detect(capsys):
+    path = REPO / "configs/detection/mosaics_student.yaml"
+    status, out, err = _main(capsys, "train", str(path))
+    assert (status, out) == (2, "")
+    assert err == (
+        f"unikd: error: {path}: a detection config (task: detection); run it with unikd detect train (check it with "
+        "unikd detect config)\n"
+    )
+    _, _, err = _main(capsys, "detect", "config", str(path))  # where it belongs (here it wants the mosaics data)
+    assert err.startswith("unikd: error: data.train_annotations: file not found: ")
+
+
+# ---- any weights file: unikd eval --model ------------------------------------------------------------------------
+
+
+def _crd_file(path: Path) -> torch.nn.Module:
+    """A seeded cifar/resnet8 saved as CRD saves its teachers (legacy torch file, mdistiller's key names)."""
+    torch.manual_seed(3)
+    model = create_model("cifar/resnet8", 10)
+    save({"epoch": 240, "model": to_mdistiller(model.state_dict(), "resnet8"), "accuracy": 61.0}, path, legacy=True)
+    return model.eval()
+
+
+def test_eval_any_weights_file_detects_its_layout_infers_the_dataset_and_writes_json(cifar10_root, tmp_path, capsys):
+    weights = tmp_path / "ckpt_epoch_240.pth"
+    model = _crd_file(weights)
+    out = tmp_path / "scores" / "resnet8.json"
+    status, stdout, err = _main(
+        capsys, "eval", "--model", "mdistiller/resnet8", str(weights), "--data", str(cifar10_root), "--out", str(out)
+    )
+    assert status == 0, err
+    expected = evaluate(
+        model,
+        DataLoader(build_datasets(DataConfig("cifar10", root=str(cifar10_root)), with_train=False).val, batch_size=50),
+        torch.device("cpu"),
+    )
+    described = f"{weights}: torch legacy file; CRD teacher file, epoch 240, accuracy 61.00; mdistiller layout"
+    assert stdout.splitlines() == [
+        f"unikd eval: mdistiller/resnet8 from {weights}, val split of cifar10 (100 images)",
+        f"  read {described}",
+        "  transform: cifar10 images",
+        f"top-1 {expected['top1']:.2f}  top-5 {expected['top5']:.2f}  loss {expected['loss']:.4f}",
+        f"wrote {out}",
+    ]
+    result = json.loads(out.read_text())
+    assert result["top1"] == pytest.approx(expected["top1"]) and result["loss"] == pytest.approx(expected["loss"])
+    assert (result["weights"], result["file"], result["dataset"], result["images"]) == (
+        described,
+        str(weights),
+        "cifar10",
+        100,
+    )
+    # Naming a layout that the file is not in fails on one line; naming the right one works.
+    status, _, err = _main(capsys, "eval", "--model", "cifar/resnet8", str(weights), "--data", str(cifar10_root),
+                           "--format", "native")  # fmt: skip
+    assert status == 2 and err.startswith(f"unikd: error: {weights} (torch legacy file; CRD teacher file, epoch 240")
+    assert "fits no weights layout of cifar/resnet8; tried native (" in err
+    status, stdout, _ = _main(capsys, "eval", "--model", "cifar/resnet8", str(weights), "--data", str(cifar10_root),
+                              "--format", "mdistiller", "data.val_subset=10")  # fmt: skip
+    assert status == 0 and "val split of cifar10 (10 images)" in stdout
+
+
+def test_eval_weights_on_a_validation_folder_with_the_configured_resize(imagefolder_root, tmp_path, capsys):
+    val_only = tmp_path / "imagenet"  # an ImageNet-layout folder with the validation split only
+    shutil.copytree(imagefolder_root / "val", val_only / "val")
+    torch.manual_seed(0)
+    model = create_model("cifar/resnet8", 4)
+    export_state_dict(model, tmp_path / "resnet8.safetensors")
+    args = ["eval", "--model", "cifar/resnet8", str(tmp_path / "resnet8.safetensors"), "--data", str(val_only)]
+    status, stdout, err = _main(capsys, *args, "data.img_size=32", "data.eval_interpolation=bicubic")
+    assert status == 0, err
+    lines = stdout.splitlines()
+    assert lines[0].endswith("val split of imagefolder (32 images)")
+    assert lines[1].endswith("safetensors file; unikd export of ?; native layout")
+    assert lines[2] == "  transform: resize 36 bicubic, centre crop 32"
+    cfg = DataConfig("imagefolder", root=str(val_only), img_size=32, eval_interpolation="bicubic")
+    expected = evaluate(model.eval(), DataLoader(build_datasets(cfg, with_train=False).val, batch_size=8),
+                        torch.device("cpu"))  # fmt: skip
+    assert lines[3] == f"top-1 {expected['top1']:.2f}  top-5 {expected['top5']:.2f}  loss {expected['loss']:.4f}"
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------
@@ -187,7 +304,11 @@ def _train(capsys, tmp_path: Path, name: str, *overrides: str) -> Path:
     assert f"unikd train: finished, outputs in {output_dir}" in lines
     teacher = json.loads((output_dir / "final.json").read_text())["teacher_top1"]
     if teacher is not None:  # measured once, on the validation set, and shown in the header
-        assert lines[2].startswith("  teacher: cifar/smallcnn from ") and lines[2].endswith(f"top-1 {teacher:.2f}")
+        assert lines[2].startswith("  teacher: cifar/smallcnn from ")
+        assert lines[2].endswith(f"(eval mode), validation top-1 {teacher:.2f}")
+        # ... and what was read from its file: a unikd checkpoint in the model's own key names
+        assert lines[3].startswith("    read ") and "unikd training checkpoint, epoch" in lines[3]
+        assert lines[3].endswith("; native layout")
         assert f"  teacher_top1 {teacher:.4f}" in lines
     return output_dir
 
@@ -293,9 +414,16 @@ def test_export_then_eval_gives_the_same_accuracy(suffix, fashion_mnist_root, tm
         teacher = load_teacher("cifar/smallcnn", 10, exported)  # in_chans=1 read from the file, not passed
         assert all(torch.equal(teacher.state_dict()[key], value) for key, value in weights.items())
 
-    # The exported weights, put back into a checkpoint, score exactly what the original did.
+    # The exported weights, put back into a checkpoint, score exactly what the original did; so do the export and
+    # the training checkpoint itself read as plain weights files (unikd eval --model), with the numbers in JSON.
     torch.save({**checkpoint, "model": weights}, tmp_path / "reloaded.pt")
     assert _main(capsys, "eval", str(tmp_path / "reloaded.pt"))[1].splitlines()[1] == scores
+    for path in (exported, checkpoint_path):
+        data = ["data.name=fashion_mnist", f"data.root={fashion_mnist_root}"]
+        status, out, err = _main(capsys, "eval", "--model", "cifar/smallcnn", str(path), *data)
+        assert status == 0 and out.splitlines()[-1] == scores, err
+    _main(capsys, "eval", str(checkpoint_path), "--out", str(tmp_path / "eval.json"))
+    assert f"top-1 {json.loads((tmp_path / 'eval.json').read_text())['top1']:.2f}" == scores.split("  ")[0]
 
 
 @pytest.mark.slow

@@ -13,13 +13,16 @@ import yaml
 
 from unikd import ConfigError, UnikdError
 from unikd.config import (
+    MODEL_PREFIXES,
     SAFE_TO_CHANGE_ON_RESUME,
+    WEIGHT_FORMATS,
     Config,
     MethodConfig,
     ModelConfig,
     check_teacher_num_classes,
     config_changes,
     config_for_checkpoint,
+    config_for_weights,
     config_from_dict,
     config_to_dict,
     dump_config,
@@ -35,6 +38,7 @@ from unikd.methods import (
     hyperparameter_types,
     method_defaults,
 )
+from unikd.models import FORMATS, NAMESPACES, export_state_dict
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 TEACHER = ["method.name=kd", "model.teacher=cifar/resnet20"]
@@ -54,7 +58,8 @@ def _error(path: str | Path | None, overrides: list[str] = (), **kwargs) -> str:
 
 def test_defaults():
     cfg = load_config(None)
-    assert dataclasses.replace(cfg, method=MethodConfig()) == Config()
+    resolved = dataclasses.replace(Config().data, eval_interpolation="bilinear")  # "auto" for a CNN student
+    assert dataclasses.replace(cfg, method=MethodConfig()) == dataclasses.replace(Config(), data=resolved)
     assert (cfg.data.name, cfg.data.root, cfg.model.student, cfg.method.name) == (
         "fashion_mnist",
         None,
@@ -157,8 +162,8 @@ def test_every_method_loads_with_its_defaults():
         (
             ["train.zzz=1"],
             "train.zzz: unknown key (valid keys: amp, batch_size, channels_last, compile, deterministic, device, "
-            "epochs, eval_batch_size, eval_every, log_every, max_steps_per_epoch, nan_check, progress, seed, "
-            "tensorboard)",
+            "ema_decay, ema_warmup, epochs, eval_batch_size, eval_every, log_every, max_steps_per_epoch, nan_check, "
+            "progress, seed, tensorboard)",
         ),
         (["train.epochs=ten"], "train.epochs: expected int, got 'ten'"),
         (["train.epochs=2.5"], "train.epochs: expected int, got 2.5"),
@@ -211,7 +216,8 @@ def test_every_method_loads_with_its_defaults():
         (["schedule.warmup_epochs=20"], "schedule.warmup_epochs: 20 is more than train.epochs (10)"),
         (
             ["model.student=resnet18"],
-            "model.student: 'resnet18' must start with cifar/, timm/, tv/ (e.g. 'cifar/resnet18')",
+            "model.student: 'resnet18' must start with cifar/, timm/, tv/, mdistiller/, mmpretrain/ (e.g. "
+            "'cifar/resnet18')",
         ),
         (
             ["model.student_kwargs.num_classes=10"],
@@ -237,6 +243,40 @@ def test_every_method_loads_with_its_defaults():
             "model.teacher_checkpoint=PATH, or model.teacher_kwargs.pretrained=true for a timm model)",
         ),
         ([*TEACHER, "model.teacher_checkpoint=missing.pt"], "model.teacher_checkpoint: file not found: missing.pt"),
+        (["model.student_checkpoint=missing.pth"], "model.student_checkpoint: file not found: missing.pth"),
+        (
+            ["model.teacher_format=crd"],
+            "model.teacher_format: 'crd' is not one of auto, mdistiller, mmpretrain, native",
+        ),
+        (
+            ["model.student_format=mdistiler"],
+            "model.student_format: 'mdistiler' is not one of auto, mdistiller, mmpretrain, native (did you mean "
+            "'mdistiller'?)",
+        ),
+        (["model.teacher_mode=frozen"], "model.teacher_mode: 'frozen' is not one of eval, train"),
+        (
+            ["data.eval_interpolation=nearest"],
+            "data.eval_interpolation: 'nearest' is not one of auto, bicubic, bilinear",
+        ),
+        (["data.eval_crop_pct=1.2"], "data.eval_crop_pct: must be <= 1, got 1.2"),
+        (["data.eval_crop_pct=0"], "data.eval_crop_pct: must be > 0, got 0.0"),
+        # Table 8's soft target from a trained model needs that model; the message names the option that asks for it.
+        (
+            ["method.name=uskd", "method.target_soft_label=teacher"],
+            "model.teacher: method 'uskd' with method.target_soft_label=teacher needs a teacher (e.g. "
+            "model.teacher=cifar/resnet32x4 model.teacher_checkpoint=PATH)",
+        ),
+        (
+            ["method.name=uskd", "method.target_soft_label=teacher", "model.teacher=cifar/resnet20"],
+            "model.teacher_checkpoint: method 'uskd' with method.target_soft_label=teacher needs the teacher's "
+            "trained weights (set model.teacher_checkpoint=PATH, or model.teacher_kwargs.pretrained=true for a timm "
+            "model)",
+        ),
+        (
+            ["method.name=uskd", "method.target_soft_label=ema", "train.ema_decay=1"],
+            "train.ema_decay: must be < 1 (1 would keep the student's initial weights), got 1.0",
+        ),
+        (["train.ema_decay=-0.1"], "train.ema_decay: must be >= 0, got -0.1"),
     ],
 )
 def test_validation_messages(overrides, message):
@@ -293,6 +333,74 @@ def test_teacher_for_a_method_without_one_is_ignored_with_a_warning():
         load_config(None, ["method.name=uskd"])
 
 
+def test_every_model_namespace_and_weights_format_of_unikd_models_is_accepted():
+    assert {f"{namespace}/" for namespace in NAMESPACES} == set(MODEL_PREFIXES)
+    assert WEIGHT_FORMATS == FORMATS
+    # The names the field types (mdistiller's, mmpretrain's), any case, as student and as teacher.
+    overrides = ["model.student=mdistiller/resnet8X4", "data.name=cifar100", "method.name=kd"]
+    cfg = load_config(None, [*overrides, "model.teacher=mmpretrain/resnet18_8xb16_cifar100", "model.teacher_format="
+                             "mmpretrain", "model.teacher_checkpoint=t.pth"], check_files=False)  # fmt: skip
+    assert (cfg.model.student, cfg.model.teacher_format) == ("mdistiller/resnet8X4", "mmpretrain")
+    # An alias of a torchvision model takes RGB only, as the model it names.
+    message = (
+        "model.student: torchvision models take 3-channel images and fashion_mnist has 1; set data.channels=3 to "
+        "repeat its grayscale channel"
+    )
+    assert _error(None, ["model.student=mmpretrain/shufflenet-v2-1x_16xb64_in1k"]) == message
+
+
+def test_a_soft_target_from_the_ema_copy_needs_no_teacher():
+    cfg = load_config(None, ["method.name=uskd", "method.target_soft_label=ema"])
+    assert (cfg.model.teacher, cfg.train.ema_decay, cfg.train.ema_warmup) == (None, 0.9998, True)
+    warning = r"^model\.teacher: method 'uskd' does not use a teacher \(its soft targets come from an EMA copy"
+    with pytest.warns(UserWarning, match=warning):
+        load_config(None, ["method.name=uskd", "method.target_soft_label=ema", "model.teacher=cifar/resnet20"])
+
+
+def test_eval_interpolation_auto_follows_the_students_reference_recipe():
+    def resolved(*overrides: str) -> str:
+        return load_config(None, ["data.name=imagefolder", *overrides]).data.eval_interpolation
+
+    assert resolved("model.student=timm/resnet18") == "bilinear"  # mmpretrain's CNN configs, torchvision's
+    assert resolved("model.student=timm/deit_tiny_patch16_224") == "bicubic"  # their DeiT / Swin configs
+    assert resolved("model.student=mmpretrain/swin-tiny_16xb64_in1k") == "bicubic"  # an alias: the model it names
+    assert resolved("model.student=tv/vit_b_16") == "bicubic"
+    assert resolved("model.student=timm/deit_tiny_patch16_224", "data.eval_interpolation=bilinear") == "bilinear"
+    # The resolved value is what config.yaml records, so a run's files say which resize it evaluated with.
+    assert "eval_interpolation: bicubic" in dump_config(load_config(None, ["model.student=timm/swin_tiny_patch4_"
+                                                                           "window7_224"]))  # fmt: skip
+
+
+def test_a_detection_config_given_to_the_classification_commands_says_which_command_to_use(tmp_path):
+    path = _yaml(tmp_path, "task: detection\ndata:\n  root: data/coco\n")
+    assert _error(path, []) == (
+        f"{path}: a detection config (task: detection); run it with unikd detect train (check it with unikd detect "
+        "config)"
+    )
+    assert _error(_yaml(tmp_path, "task: segmentation\n"), []).startswith("task: unknown key (valid keys: ")
+
+
+def test_config_for_weights_infers_the_dataset_from_its_folder(tmp_path):
+    for folder, name in (("val/cat", "imagefolder"), ("cifar-100-python", "cifar100"), ("cifar-10-batches-py",
+                                                                                       "cifar10")):  # fmt: skip
+        root = tmp_path / name
+        (root / folder).mkdir(parents=True)
+        cfg = config_for_weights("cifar/resnet8", [f"data.root={root}"], layout="mdistiller")
+        assert (cfg.data.name, cfg.model.student, cfg.model.student_format) == (name, "cifar/resnet8", "mdistiller")
+    assert config_for_weights("cifar/resnet8", ["data.name=mnist"]).data.name == "mnist"  # given, not inferred
+    (tmp_path / "idx").mkdir()
+    with pytest.raises(ConfigError) as error:
+        config_for_weights("cifar/resnet8", [f"data.root={tmp_path / 'idx'}"])
+    assert str(error.value) == (
+        f"data.name: cannot tell which dataset {tmp_path / 'idx'} holds (no train/ or val/ folder of an ImageNet "
+        "layout, no cifar-10-batches-py/ or cifar-100-python/); pass data.name=... (e.g. data.name=fashion_mnist)"
+    )
+    with pytest.raises(ConfigError, match=r"^data\.name: which dataset\? pass --data ROOT"):
+        config_for_weights("cifar/resnet8")
+    with pytest.raises(ConfigError, match=f"^data\\.root: no such folder: {tmp_path / 'nowhere'}$"):
+        config_for_weights("cifar/resnet8", [f"data.root={tmp_path / 'nowhere'}"])
+
+
 # ---- num_classes across data and teacher ------------------------------------------------------------------------
 
 
@@ -306,6 +414,16 @@ def test_teacher_checkpoint_num_classes_must_match(tmp_path):
     assert str(error.value) == (
         f"model.teacher_checkpoint: the teacher in {checkpoint} predicts 10 classes but the dataset has 100"
     )
+
+
+def test_the_class_count_a_safetensors_export_records_is_read_from_its_header(tmp_path):
+    from unikd.models import create_model
+
+    path = tmp_path / "teacher.safetensors"
+    export_state_dict(create_model("cifar/resnet8", 100), path, metadata={"model_name": "cifar/resnet8",
+                                                                          "num_classes": 100})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"predicts 100 classes but the dataset has 10$"):
+        check_teacher_num_classes(ModelConfig(teacher="cifar/resnet8", teacher_checkpoint=str(path)), 10)
 
 
 def test_teacher_num_classes_is_not_guessed_from_plain_weights(tmp_path):
@@ -417,6 +535,17 @@ def test_a_checkpoints_stored_config_sets_only_what_the_student_is_and_its_datas
     assert cfg.model.student_kwargs == {"width": 8}
     teacher_method = config_to_dict(load_config(None, [*TEACHER, "model.teacher_checkpoint=t.pt"], check_files=False))
     assert config_for_checkpoint(teacher_method).method.name == "baseline"  # the teacher is not needed to evaluate
+    # USKD taking Table 8's soft target from a teacher: the same, unless the method is to be kept (soft labels): then
+    # the overrides must name the teacher.
+    overrides = ["method.name=uskd", "method.target_soft_label=teacher", "model.teacher=cifar/resnet20"]
+    uskd_teacher = config_to_dict(load_config(None, [*overrides, "model.teacher_checkpoint=t.pt"], check_files=False))
+    assert config_for_checkpoint(uskd_teacher).method.name == "baseline"
+    with pytest.raises(ConfigError, match=r"^model\.teacher: method 'uskd' with method\.target_soft_label=teacher"):
+        config_for_checkpoint(uskd_teacher, keep_method=True)
+    kept = config_for_checkpoint(uskd_teacher, [*overrides[2:], "model.teacher_checkpoint=t.pt"], keep_method=True)
+    assert kept.method.params["target_soft_label"] == "teacher"
+    stored = config_to_dict(load_config(None, ["model.student=timm/deit_tiny_patch16_224", "data.eval_crop_pct=0.9"]))
+    assert config_for_checkpoint(stored).data.eval_crop_pct == 0.9  # evaluated as it was trained
 
 
 def test_duplicate_keys_in_an_override_value_are_refused():

@@ -17,7 +17,7 @@ from torch.utils.data._utils import ExceptionWrapper
 from torchvision.transforms import v2
 
 from unikd import data as unikd_data
-from unikd._errors import DataError
+from unikd._errors import ConfigError, DataError
 from unikd.config import DATASETS, NATIVE_CHANNELS, DataConfig, load_config
 from unikd.data import DataBundle, build_datasets, build_mix_collate, build_transform, dataset_root, read_rgb_image
 
@@ -283,6 +283,29 @@ def test_imagefolder_transforms(imagefolder_root):
     assert "RandAugment" in repr(randaugment)  # timm's create_transform
     bundle = _bundle("imagefolder", imagefolder_root, img_size=32, augment="randaugment")
     assert bundle.train[0][0].shape == (3, 32, 32)
+
+
+def test_the_eval_resize_is_the_configs(imagefolder_root, tmp_path):
+    resize, center = _steps(build_transform(DataConfig(name="imagefolder"), train=False))[:2]
+    assert resize.interpolation == v2.InterpolationMode.BILINEAR  # "auto" unresolved (no model): bilinear
+    folder = {"name": "imagefolder", "root": str(imagefolder_root), "img_size": 32, "eval_crop_pct": 0.9}
+    bicubic = DataConfig(**folder, eval_interpolation="bicubic")
+    resize, center = _steps(build_transform(bicubic, train=False))[:2]
+    assert (resize.size, resize.interpolation, tuple(center.size)) == ([35], v2.InterpolationMode.BICUBIC, (32, 32))
+    # The images really go through it: bicubic and bilinear resizes of the same file differ.
+    bilinear = DataConfig(**folder, eval_interpolation="bilinear")
+    images = [build_datasets(cfg, with_train=False).val[0][0] for cfg in (bicubic, bilinear)]
+    assert images[0].shape == images[1].shape == (3, 32, 32) and not torch.equal(*images)
+
+
+def test_evaluation_needs_only_the_validation_split(imagefolder_root, tmp_path):
+    val_only = tmp_path / "val_only"
+    shutil.copytree(imagefolder_root / "val", val_only / "val")
+    bundle = build_datasets(DataConfig(name="imagefolder", root=str(val_only), img_size=32), with_train=False)
+    assert bundle.train is None and bundle.class_names == IMAGEFOLDER_CLASSES and len(bundle.val) == 32
+    with pytest.raises(ConfigError, match=r"expected train/<class>/<image> and val/<class>/<image>\)"):
+        build_datasets(DataConfig(name="imagefolder", root=str(val_only), img_size=32))
+    assert build_datasets(DataConfig(name="fake", val_subset=4), with_train=False).train is None
 
 
 def test_eval_transform_is_deterministic(cifar10_root):

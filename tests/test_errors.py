@@ -41,6 +41,8 @@ TINY = [
     "output_dir={run}",
 ]
 FAKE = ["data.name=fake", "data.img_size=8", "data.train_subset=16", "data.val_subset=8", *TINY]
+EMA = ["method.name=uskd", "method.target_soft_label=ema"]
+EVAL_FAKE = ["data.name=fake", "data.img_size=8", "data.val_subset=8", "model.student_kwargs={{width: 4}}"]
 
 
 @dataclass
@@ -193,6 +195,47 @@ def _code_running_pickle(ctx: Context) -> None:
     ctx.values["ckpt"] = ctx.tmp / "model.pt"
 
 
+def _weights_file(num_classes: int = 10) -> Callable[[Context], None]:
+    def prepare(ctx: Context) -> None:
+        from unikd.models import create_model, export_state_dict
+
+        metadata = {"model_name": "cifar/smallcnn", "num_classes": num_classes}
+        model = create_model("cifar/smallcnn", num_classes, width=4)
+        export_state_dict(model, ctx.tmp / "w.safetensors", metadata=metadata)
+
+    return prepare
+
+
+def _foreign_weights(ctx: Context) -> None:
+    torch.save({"encoder.stem.weight": torch.zeros(4, 3, 3, 3)}, ctx.tmp / "w.pth")
+
+
+def _uskd_run(*overrides: str, drop: str | None = None) -> Callable[[Context], None]:
+    """A finished tiny USKD run in {tmp}/source with ``overrides``; its last.pt, less the entry ``drop``, as {ckpt}."""
+
+    def prepare(ctx: Context) -> None:
+        source = ctx.tmp / "source"
+        _weights_file()(ctx)  # a teacher, for a run that takes its soft target from one
+        own = [arg.format(tmp=ctx.tmp) for arg in overrides]
+        args = ["train", os.devnull, *(arg.format(run=source) for arg in FAKE), "method.name=uskd", *own]
+        assert cli.main(args) == 0
+        ctx.values["ckpt"] = source / "last.pt"
+        if drop is not None:
+            checkpoint = load_checkpoint(source / "last.pt", RESUME_ENTRIES)
+            del checkpoint[drop]
+            save_checkpoint(checkpoint, source / "last.pt")
+
+    return prepare
+
+
+def _ema_run_without_its_ema(ctx: Context) -> None:
+    args = ["train", os.devnull, *(arg.format(run=ctx.run) for arg in FAKE), *EMA]
+    assert cli.main(args) == 0
+    checkpoint = load_checkpoint(ctx.run / "last.pt", RESUME_ENTRIES)
+    del checkpoint["ema"]
+    save_checkpoint(checkpoint, ctx.run / "last.pt")
+
+
 def _output_dir_is_a_file(ctx: Context) -> None:
     ctx.run.write_text("")
 
@@ -338,6 +381,60 @@ CASES = [
         "(data.channels=3)",
         both_commands=True,
     ),
+    Case(
+        "unknown-weights-format",
+        ["train", os.devnull, *FAKE, "model.teacher_format=crd"],
+        "model.teacher_format: 'crd' is not one of auto, mdistiller, mmpretrain, native",
+        both_commands=True,
+    ),
+    Case(
+        "unknown-teacher-mode",
+        ["train", os.devnull, *FAKE, "model.teacher_mode=frozen"],
+        "model.teacher_mode: 'frozen' is not one of eval, train",
+        both_commands=True,
+    ),
+    Case(
+        "student-checkpoint-not-found",
+        ["train", os.devnull, *FAKE, "model.student_checkpoint={tmp}/released.pth"],
+        "model.student_checkpoint: file not found: {tmp}/released.pth",
+        both_commands=True,
+    ),
+    Case(
+        "teacher-soft-target-without-a-teacher",
+        ["train", os.devnull, *FAKE, "method.name=uskd", "method.target_soft_label=teacher"],
+        "model.teacher: method 'uskd' with method.target_soft_label=teacher needs a teacher (e.g. "
+        "model.teacher=cifar/resnet32x4 model.teacher_checkpoint=PATH)",
+        both_commands=True,
+    ),
+    Case(
+        "ema-decay-one",
+        ["train", os.devnull, *FAKE, *EMA, "train.ema_decay=1"],
+        "train.ema_decay: must be < 1 (1 would keep the student's initial weights), got 1.0",
+        both_commands=True,
+    ),
+    Case(
+        "eval-crop-over-one",
+        ["train", os.devnull, *FAKE, "data.eval_crop_pct=1.5"],
+        "data.eval_crop_pct: must be <= 1, got 1.5",
+        both_commands=True,
+    ),
+    Case(
+        "detection-config-to-train",
+        ["train", str(REPO / "configs/detection/mosaics_student.yaml"), "output_dir={run}"],
+        f"{REPO}/configs/detection/mosaics_student.yaml: a detection config (task: detection); run it with unikd "
+        "detect train (check it with unikd detect config)",
+        both_commands=True,
+    ),
+    Case(
+        "student-checkpoint-of-another-model",
+        ["train", os.devnull, *FAKE, "model.student_checkpoint={tmp}/w.pth"],
+        "{tmp}/w.pth (torch zip file; plain state_dict) fits no weights layout of cifar/smallcnn; tried native (38 "
+        "missing, 1 unexpected), mdistiller (not applicable: cifar/smallcnn has no mdistiller counterpart), mmpretrain "
+        "(not applicable: no backbone./head. keys). Closest, native: missing keys (38): layer1.0.0.weight, "
+        "layer1.0.1.weight, layer1.0.1.bias, ...; unexpected keys (1): encoder.stem.weight. Check that the file holds "
+        "a cifar/smallcnn, or name its format (one of native, mdistiller, mmpretrain)",
+        _foreign_weights,
+    ),
     # ---- data
     Case(
         "one-class-imagefolder",
@@ -442,6 +539,72 @@ CASES = [
         r"run\. .*",
         _code_running_pickle,
         regex=True,
+    ),
+    Case(
+        "resume-an-ema-run-whose-checkpoint-lost-its-ema",
+        ["train", os.devnull, *FAKE, *EMA, "--resume"],
+        "--resume: cannot restore the run from {run}/last.pt (KeyError: 'ema')",
+        _ema_run_without_its_ema,
+        before_work=False,
+    ),
+    Case(
+        "eval-weights-of-another-class-count",
+        ["eval", "--model", "cifar/smallcnn", "{tmp}/w.safetensors", *EVAL_FAKE],
+        "{tmp}/w.safetensors (unikd export of cifar/smallcnn; native layout; saved from cifar/smallcnn with 100 "
+        "classes), loaded into cifar/smallcnn with 10 classes, does not fit the model: shape mismatches (2): "
+        "fc.weight: checkpoint (100, 16) vs model (10, 16), fc.bias: checkpoint (100,) vs model (10,); the classifier "
+        "differs: use weights trained on a dataset with that many classes",
+        _weights_file(100),
+    ),
+    Case(
+        "eval-weights-without-a-dataset",
+        ["eval", "--model", "cifar/smallcnn", "{tmp}/w.safetensors"],
+        "data.name: which dataset? pass --data ROOT (an ImageNet-layout or CIFAR folder is recognised) or "
+        "data.name=... (one of cifar10, cifar100, fashion_mnist, mnist, imagefolder, fake)",
+        _weights_file(),
+    ),
+    Case(
+        "eval-weights-from-an-unknown-folder",
+        ["eval", "--model", "cifar/smallcnn", "{tmp}/w.safetensors", "--data", "{tmp}"],
+        "data.name: cannot tell which dataset {tmp} holds (no train/ or val/ folder of an ImageNet layout, no "
+        "cifar-10-batches-py/ or cifar-100-python/); pass data.name=... (e.g. data.name=fashion_mnist)",
+        _weights_file(),
+    ),
+    Case(
+        "eval-weights-in-an-unknown-format",
+        ["eval", "--model", "cifar/smallcnn", "{tmp}/w.safetensors", *EVAL_FAKE, "--format", "crd"],
+        "--format: 'crd' is not one of auto, mdistiller, mmpretrain, native",
+        _weights_file(),
+    ),
+    Case(
+        "eval-format-without-model",
+        ["eval", "{tmp}/w.safetensors", "--format", "mdistiller"],
+        "--format: only with --model NAME (a unikd checkpoint says what it holds)",
+    ),
+    Case(
+        "softlabels-of-a-teacher-soft-target-run-without-the-teacher",
+        ["softlabels", "{ckpt}", "--out", "{tmp}/out"],
+        "model.teacher: method 'uskd' with method.target_soft_label=teacher needs a teacher (e.g. "
+        "model.teacher=cifar/resnet32x4 model.teacher_checkpoint=PATH)",
+        _uskd_run(
+            "method.target_soft_label=teacher",
+            "model.teacher=cifar/smallcnn",
+            "model.teacher_kwargs={{width: 4}}",
+            "model.teacher_checkpoint={tmp}/w.safetensors",
+        ),
+    ),
+    Case(
+        "softlabels-of-a-run-without-weak-head",
+        ["softlabels", "{ckpt}", "--out", "{tmp}/out"],
+        "{ckpt}: this USKD run had no weak head (method.beta=0, method.mu=0), so it trained no non-target soft labels "
+        "to show",
+        _uskd_run("method.beta=0", "method.mu=0"),
+    ),
+    Case(
+        "softlabels-of-an-ema-run-without-its-ema",
+        ["softlabels", "{ckpt}", "--out", "{tmp}/out", "data.val_subset=8"],
+        "{ckpt}: a target_soft_label=ema run, but the checkpoint holds no EMA weights",
+        _uskd_run("method.target_soft_label=ema", drop="ema"),
     ),
     # ---- the run directory
     Case(

@@ -191,6 +191,36 @@ def test_forward_intermediates_and_hooks_through_a_wrapper_agree(name, kwargs, s
     torch.testing.assert_close(wrapped_feature, feature)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "locations"),
+    [
+        ("cifar/resnet8", {}, 32, 256),  # layer2 of a CIFAR ResNet: 16x16
+        ("timm/resnet18", {}, 64, 16),  # layer3: 4x4
+        ("timm/swin_tiny_patch4_window7_224", SWIN_64, 64, 16),  # stage 3: 4x4 tokens, NHWC inside timm's Swin
+        ("timm/deit_tiny_patch16_224", {"img_size": 32}, 32, 1),  # the class token
+        ("tv/resnet18", {}, 64, 16),  # hooks only
+    ],
+)
+def test_the_unpooled_feature_is_the_locations_whose_mean_is_the_pooled_one(name, kwargs, size, locations):
+    model = built(name, **kwargs)
+    images = torch.randn(2, 3, size, size)
+    logits, pooled = forward_with_feature(model, images)
+    for runner in (model, nn.DataParallel(model)):  # forward_intermediates (where the model has it), then hooks
+        map_logits, feature_map = forward_with_feature(runner, images, pool=False)
+        assert feature_map.shape == (2, locations, pooled.shape[1])
+        torch.testing.assert_close(map_logits, logits)
+        torch.testing.assert_close(feature_map.mean(1), pooled)
+    if locations > 1:  # locations in row-major order, each a vector of channels (not a reshuffle of the map)
+        stage = {"cifar/resnet8": "layer2", "timm/swin_tiny_patch4_window7_224": "layers.2"}.get(name, "layer3")
+        captured = []
+        handle = model.get_submodule(stage).register_forward_hook(lambda m, a, out: captured.append(out))
+        model(images)
+        handle.remove()
+        stage_map = captured[0] if "swin" in name else captured[0].permute(0, 2, 3, 1)  # (N, h, w, D)
+        torch.testing.assert_close(feature_map, stage_map.flatten(1, 2))
+        assert stage_map.shape[1] == stage_map.shape[2] > 1  # a square map, so a transposed order would show
+
+
 def test_cifar_zoo_feature_traces_without_graph_breaks():
     model = create_model("cifar/smallcnn", 10, width=2, in_chans=1).eval()
     explanation = torch._dynamo.explain(lambda images: forward_with_feature(model, images))(torch.randn(1, 1, 8, 8))

@@ -14,14 +14,14 @@ import dataclasses
 import json
 import math
 import re
-import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
+from unikd._checkpoint import load_checkpoint
 from unikd.config import config_to_dict, load_config
-from unikd.methods import create_method
+from unikd.methods import METHODS
 from unikd.models import create_model, export_state_dict
 from unikd.train import train
 
@@ -36,12 +36,6 @@ NUM_CLASSES = {"cifar100": 100, "imagefolder": 1000}
 IMG_SIZE = {"timm/swin_tiny_patch4_window7_224": 64, "tv/shufflenet_v2_x1_0": 64, "timm/mobilenetv1_100": 64}
 VIT_PREFIXES = ("timm/deit_", "timm/deit3_", "timm/swin_")
 LARGE_VITS = ("timm/deit_base_patch16_224", "timm/deit3_large_patch16_224")
-# What the trainer cannot give a method yet (the plumbing is the engine's): a strict expected failure each, so that
-# the test says so the day it can.
-NOT_YET = {
-    "feature_map": "forward_student has no 'feature_map' output yet (the unpooled feature for USKD's weak_norm)",
-    "ema": "the trainer keeps no EMA copy of the student yet (USKD target_soft_label='ema')",
-}
 
 
 def config_id(path: Path) -> str:
@@ -192,24 +186,17 @@ def tiny_overrides(path: Path, tmp_path: Path, overrides: tuple[str, ...] = ()) 
     return tiny
 
 
-def _missing_plumbing(cfg) -> str | None:
-    """The NOT_YET key this config's method needs, if any."""
-    if cfg.method.name != "uskd":
-        return None
-    method = create_method("uskd", 10, feature_dim=8, **cfg.method.params)
-    if method.student_output == "feature_map":
-        return "feature_map"
-    return "ema" if method.teacher_source == "ema" else None
+def _teacher_source(cfg) -> str | None:
+    return METHODS[cfg.method.name].teacher_source_for(cfg.method.params)
 
 
 def train_one_step(path: Path, tmp_path: Path, overrides: tuple[str, ...] = ()) -> None:
     cfg = load_config(path, tiny_overrides(path, tmp_path, overrides))
-    missing = _missing_plumbing(cfg)
-    if missing:
-        with pytest.raises(ValueError, match=r"student_output must be|needs teacher_logits from an EMA copy"):
-            train(cfg)
-        pytest.xfail(NOT_YET[missing])
     result = train(cfg)
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ("ema" in checkpoint) == (_teacher_source(cfg) == "ema")  # the EMA copy of the student, kept and saved
+    if "ema" in checkpoint:
+        assert checkpoint["ema"].keys() == checkpoint["model"].keys()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     (train_record,) = [record for record in records if record["split"] == "train"]
     # The config's own method made the step: its loss term was logged, and every term is finite.
@@ -268,15 +255,13 @@ def test_table_row_validates_and_says_what_it_targets(path: Path, name: str):
     assert overrides[-1] == f"output_dir=runs/paper/{path.stem.split('_')[0]}_{name}", "each row has its own run"
     cfg = load_config(base, list(overrides), check_files=False)
     assert cfg.output_dir == f"runs/paper/{path.stem.split('_')[0]}_{name}"
-    # A row marked as needing the EMA model declares it, and only those rows do.
-    assert (_missing_plumbing(cfg) == "ema") == (row.get("needs") == "ema")
+    # A row that needs the EMA model declares it, and only those rows do.
+    assert (_teacher_source(cfg) == "ema") == (row.get("needs") == "ema")
 
 
 def _differs_from_its_base(path: Path, name: str) -> bool:
     base, overrides = _row_config(path, name)
-    with warnings.catch_warnings():  # config.py reads needs_teacher from the class: it warns for Table 8's teacher row
-        warnings.filterwarnings("ignore", "model.teacher: method 'uskd' does not use a teacher")
-        resolved = config_to_dict(load_config(base, list(overrides[:-1]), check_files=False))
+    resolved = config_to_dict(load_config(base, list(overrides[:-1]), check_files=False))
     return resolved != config_to_dict(load_config(base, check_files=False))
 
 

@@ -8,10 +8,20 @@ import re
 import pytest
 import torch
 
+from unikd._checkpoint import load_checkpoint
+from unikd.config import load_config
+from unikd.data import build_datasets
 from unikd.losses import uskd_soft_labels
 from unikd.methods import create_method
-from unikd.models import create_model, feature_dim, forward_with_feature
-from unikd.softlabels import explanation, save_soft_label_report, soft_label_report, zipf_values
+from unikd.models import create_model, export_state_dict, feature_dim, forward_with_feature, load_state_dict_file
+from unikd.softlabels import (
+    explanation,
+    save_soft_label_report,
+    soft_label_report,
+    soft_labels_from_checkpoint,
+    zipf_values,
+)
+from unikd.train import train
 
 CLASS_NAMES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 
@@ -68,7 +78,7 @@ def test_bad_inputs_are_named(setup):
     student, method, images, targets = setup
     with pytest.raises(ValueError, match=re.escape("class_names: expected 10 names (one per class), got 3")):
         soft_label_report(student, method, images, targets, CLASS_NAMES[:3])
-    with pytest.raises(ValueError, match=re.escape("method: soft labels need the USKD method (with its weak head)")):
+    with pytest.raises(ValueError, match=re.escape("method: soft labels need the USKD method, got Baseline")):
         soft_label_report(student, create_method("baseline", 10), images, targets, CLASS_NAMES)
     with pytest.raises(ValueError, match=re.escape("top_k: must be in [1, 9], got 10")):
         soft_label_report(student, method, images, targets, CLASS_NAMES, top_k=10)
@@ -107,3 +117,78 @@ def test_the_picture_carries_the_explanation(setup, tmp_path, monkeypatch):
     )
     save_soft_label_report(report, images[:2], tmp_path, num_classes=10)
     assert len(texts) == 1 and " ".join(texts[0].split()) == explanation(10)
+
+
+def test_report_follows_the_methods_soft_target_rule_grouping_and_weak_head_norm(setup):
+    student, _, images, targets = setup
+    method = create_method(
+        "uskd", 10, feature_dim=feature_dim(student), weak_norm="layernorm", target_soft_label="max",
+        batch_mean_group=3,
+    )  # fmt: skip
+    with torch.no_grad():
+        method.weak_head_norm.weight.uniform_(0.5, 1.5)  # not the identity: the per-location norm must be used
+    report = soft_label_report(student, method, images, targets, CLASS_NAMES, top_k=3)
+    student.eval()
+    with torch.no_grad():
+        logits, feature_map = forward_with_feature(student, images, pool=False)
+        soft = uskd_soft_labels(
+            logits, method.weak_logits(feature_map), targets, target_soft_label="max", batch_mean_group=3
+        )
+    student.train()
+    assert [entry["target_value"] for entry in report] == pytest.approx(soft.target_values[:, 0].tolist(), abs=1e-6)
+    assert [e["non_target"][0]["class"] for e in report] == soft.non_target.argmax(1).tolist()
+    assert report[0]["target_soft_label"] == "max" and explanation(10, target_soft_label="max").startswith(
+        "soft target = S_t / batch max of S_t (Table 8)."
+    )
+
+
+def test_a_soft_target_from_another_model_needs_its_logits_and_a_run_without_weak_head_has_nothing_to_rank(setup):
+    student, _, images, targets = setup
+    method = create_method("uskd", 10, feature_dim=feature_dim(student), target_soft_label="teacher")
+    teacher_logits = torch.randn(6, 10)
+    report = soft_label_report(student, method, images, targets, CLASS_NAMES, teacher_logits=teacher_logits)
+    expected = teacher_logits.softmax(1).gather(1, targets[:, None])[:, 0]
+    assert [entry["target_value"] for entry in report] == pytest.approx(expected.tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match=re.escape("teacher_logits: target_soft_label='teacher' reads the target")):
+        soft_label_report(student, method, images, targets, CLASS_NAMES)
+    no_weak_head = create_method("uskd", 10, beta=0.0, mu=0.0)
+    with pytest.raises(ValueError, match=re.escape("method: this USKD has no weak head (beta = 0 and mu = 0)")):
+        soft_label_report(student, no_weak_head, images, targets, CLASS_NAMES)
+    final_rank = create_method("uskd", 10, rank="final", mu=0.0)  # no weak head, and none needed
+    assert len(soft_label_report(student, final_rank, images, targets, CLASS_NAMES)) == 6
+
+
+@pytest.mark.parametrize("source", ["ema", "teacher"])
+def test_soft_labels_of_a_run_take_the_target_probability_of_its_ema_copy_or_teacher(tmp_path, source):
+    teacher_file = tmp_path / "teacher.safetensors"
+    torch.manual_seed(5)
+    export_state_dict(create_model("cifar/smallcnn", 10, width=4), teacher_file)
+    teacher = [
+        "model.teacher=cifar/smallcnn",
+        "model.teacher_kwargs={width: 4}",
+        f"model.teacher_checkpoint={teacher_file}",
+    ]
+    data = ["data.name=fake", "data.img_size=8", "data.train_subset=16", "data.val_subset=8", "data.num_workers=0"]
+    overrides = [
+        *data,
+        *("model.student_kwargs={width: 4}", "method.name=uskd", f"method.target_soft_label={source}"),
+        *("train.batch_size=8", "train.epochs=1", "train.progress=false", "train.tensorboard=false"),
+        *(teacher if source == "teacher" else []),
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    train(load_config(None, overrides))
+    given = teacher if source == "teacher" else []  # the teacher is not part of what a checkpoint is evaluated with
+    report = soft_labels_from_checkpoint(tmp_path / "run" / "last.pt", tmp_path / "out", num_images=8,
+                                         overrides=["data.val_subset=8", *given])  # fmt: skip
+    model = create_model("cifar/smallcnn", 10, width=4)
+    if source == "ema":
+        model.load_state_dict(load_checkpoint(tmp_path / "run" / "last.pt")["ema"])
+    else:
+        model.load_state_dict(load_state_dict_file(teacher_file))
+    bundle = build_datasets(load_config(None, data).data, with_train=False)
+    images = torch.stack([bundle.val[i][0] for i in range(8)])
+    targets = torch.tensor([bundle.val[i][1] for i in range(8)])
+    with torch.no_grad():
+        expected = model.eval()(images).softmax(1).gather(1, targets[:, None])[:, 0]
+    assert [entry["target_value"] for entry in report] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert report[0]["target_soft_label"] == source and (tmp_path / "out" / "soft_labels.png").is_file()

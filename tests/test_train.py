@@ -23,11 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch_files import save
 
 import unikd.train
 from unikd import UnikdError
 from unikd._checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from unikd.config import load_config
+from unikd.models import create_model
+from unikd.models._mdistiller import to_mdistiller
 from unikd.train import evaluate_checkpoint, optimizer_step, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,8 +169,12 @@ def test_same_seed_gives_the_same_student_init_and_data_order_across_methods(tmp
 # ---- resume ------------------------------------------------------------------------------------------------------
 
 
-# USKD: its weak head must resume too; default augmentation: random crops/flips drawn in this process.
-RESUME_OVERRIDES = ("method.name=uskd", "data.augment=default", "schedule.warmup_epochs=0.5")
+# USKD: its weak head must resume too, and with target_soft_label=ema the EMA copy of the student (its soft targets);
+# default augmentation: random crops/flips drawn in this process.
+RESUME_OVERRIDES = (
+    *("method.name=uskd", "method.target_soft_label=ema", "train.ema_decay=0.9"),
+    *("data.augment=default", "schedule.warmup_epochs=0.5"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +208,8 @@ def test_interrupt_then_resume_is_bit_identical_to_a_straight_run(
 
     a, b = load_checkpoint(straight_dir / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert b["step"] == 2 * STEPS_PER_EPOCH
-    for part in ("model", "method"):
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for part in ("model", "method", "ema"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
     momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
@@ -376,3 +383,147 @@ def test_loading_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
         UnikdError, match=r"plain\.pt is not a unikd training checkpoint \(no format='unikd-checkpoint'"
     ):
         load_checkpoint(tmp_path / "plain.pt")
+
+
+# ---- where the weights come from: teacher and student files, teacher mode, the EMA copy ----------------------------
+
+
+def models_of(models) -> tuple:
+    return models.student, models.method
+
+
+def capture_models(monkeypatch) -> list:
+    """Record what ``_build_models`` returns, with a copy of the student's and method's state as built."""
+    captured = []
+    real = unikd.train._build_models
+
+    def wrapped(*args, **kwargs):
+        models = real(*args, **kwargs)
+        student, method = ({key: value.clone() for key, value in m.state_dict().items()} for m in models_of(models))
+        captured.append(types.SimpleNamespace(models=models, student=student, method=method))
+        return models
+
+    monkeypatch.setattr(unikd.train, "_build_models", wrapped)
+    return captured
+
+
+def crd_teacher_file(path: Path, arch: str = "resnet8") -> dict[str, torch.Tensor]:
+    """A CRD teacher file (legacy serialisation, mdistiller's key names) of a seeded ``cifar/<arch>``; its weights."""
+    torch.manual_seed(7)
+    teacher = create_model(f"cifar/{arch}", 10)
+    with torch.no_grad():  # running statistics that are not BatchNorm's defaults, so that their changes show
+        for module in teacher.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    save({"epoch": 240, "model": to_mdistiller(teacher.state_dict(), arch), "accuracy": 70.0}, path, legacy=True)
+    return {key: value.clone() for key, value in teacher.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_teacher_mode_train_changes_its_running_statistics_only_and_never_its_weights(tmp_path, monkeypatch, mode):
+    weights = crd_teacher_file(tmp_path / "ckpt_epoch_240.pth")
+    captured = capture_models(monkeypatch)
+    teacher_keys = ("model.teacher=mdistiller/resnet8", f"model.teacher_checkpoint={tmp_path / 'ckpt_epoch_240.pth'}")
+    run = tmp_path / "run"
+    train(tiny_config(run, "method.name=kd", *teacher_keys, f"model.teacher_mode={mode}", "train.epochs=1"))
+    teacher = captured[0].models.teacher
+    assert teacher.training == (mode == "train")  # its top-1 measurement (in eval mode) put the mode back
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())  # no gradient reaches it
+    state = teacher.state_dict()
+    assert all(torch.equal(state[name], weights[name]) for name, _ in teacher.named_parameters())
+    changed = {name for name, _ in teacher.named_buffers() if not torch.equal(state[name], weights[name])}
+    running = {name for name, _ in teacher.named_buffers() if "running" in name}
+    assert changed >= running if mode == "train" else changed == set()
+    # The header and metrics.jsonl say what was read: CRD's file, found in mdistiller's layout.
+    described = f"{tmp_path / 'ckpt_epoch_240.pth'}: torch legacy file; CRD teacher file, epoch 240, accuracy 70.00; "
+    (record,) = [r for r in read_metrics(run) if r["split"] == "weights"]
+    assert record == {"split": "weights", "step": 0, "epoch": 0, "teacher": described + "mdistiller layout"}
+
+
+def test_the_student_starts_from_a_checkpoint_and_reuses_its_weak_head_when_it_fits(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "source"
+    train(tiny_config(source, "method.name=uskd", "train.epochs=1"))
+    stored = load_checkpoint(source / "last.pt")
+    captured = capture_models(monkeypatch)
+    capsys.readouterr()
+
+    # The same classes: every weight and the weak head come from the file.
+    same = tmp_path / "same"
+    train(tiny_config(same, "method.name=uskd", f"model.student_checkpoint={source / 'last.pt'}", "train.epochs=1"))
+    built = captured[0]
+    assert built.student.keys() == stored["model"].keys()
+    assert all(torch.equal(built.student[key], stored["model"][key]) for key in stored["model"])
+    assert all(torch.equal(built.method[key], stored["method"][key]) for key in stored["method"])
+    described = f"{source / 'last.pt'}: torch zip file; unikd training checkpoint, epoch 1; native layout"
+    header = capsys.readouterr().out.splitlines()
+    assert f"  student initialised from {described}; weak head from the checkpoint" in header
+    (record,) = [r for r in read_metrics(same) if r["split"] == "weights"]
+    assert record["student"] == f"{described}; weak head from the checkpoint"
+
+    # Five classes: the classifier and the weak head start afresh, the rest comes from the file, and the run says so.
+    other = tmp_path / "other"
+    overrides = ("method.name=uskd", "data.num_classes=5", f"model.student_checkpoint={source / 'last.pt'}")
+    train(tiny_config(other, *overrides, "train.epochs=1"))
+    built = captured[1]
+    classifier = {"fc.weight", "fc.bias"}
+    assert classifier < set(stored["model"])  # the names the message lists
+    assert all(torch.equal(built.student[key], stored["model"][key]) for key in set(stored["model"]) - classifier)
+    assert built.student["fc.weight"].shape == (5, stored["model"]["fc.weight"].shape[1])
+    assert built.method["weak_head.weight"].shape[0] == 5
+    line = (
+        f"  student initialised from {described}; re-initialised (class count differs): fc.bias, "
+        "fc.weight; its weak head is for another class count: re-initialised too"
+    )
+    assert line in capsys.readouterr().out.splitlines()
+
+    # A resume takes the student from last.pt and does not read the file it was initialised from, which may be gone:
+    # model.student_checkpoint may then change (here to null).
+    (source / "last.pt").rename(tmp_path / "moved.pt")
+    resumed = train(tiny_config(same, "method.name=uskd", "model.student_checkpoint=null", "train.epochs=2"),
+                    resume=True)  # fmt: skip
+    assert len(resumed["history"]) == 2 and captured[2].models.weights == {}
+    (change,) = [r for r in read_metrics(same) if r["split"] == "resume"]
+    assert change["changed"]["model.student_checkpoint"] == [str(source / "last.pt"), None]
+
+
+def test_ema_soft_targets_are_the_logits_of_timms_moving_average_of_the_student(tmp_path, monkeypatch):
+    captured = capture_models(monkeypatch)
+    after_steps, calls = [], []
+    real_step = unikd.train.optimizer_step
+
+    def recording_step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        after_steps.append({key: value.clone() for key, value in captured[0].models.student.state_dict().items()})
+
+    monkeypatch.setattr(unikd.train, "optimizer_step", recording_step)
+    real_forward = unikd.train.TrainableModules.forward
+
+    def recording_forward(self, images, target, teacher_logits, progress):
+        calls.append((images.clone(), teacher_logits.clone()))
+        return real_forward(self, images, target, teacher_logits, progress)
+
+    monkeypatch.setattr(unikd.train.TrainableModules, "forward", recording_forward)
+    run = tmp_path / "run"
+    overrides = ("method.name=uskd", "method.target_soft_label=ema", "train.ema_decay=0.5", "train.epochs=1")
+    train(tiny_config(run, *overrides))
+
+    # timm's ModelEmaV3 with warm-up: a copy at step 1, then decay min(train.ema_decay, 1 - k^(-2/3)) at step k.
+    decays = [0.0, *(min(0.5, 1 - k ** (-2 / 3)) for k in range(2, STEPS_PER_EPOCH + 1))]
+    assert decays[1] < 0.5 == decays[2]  # both the warm-up and train.ema_decay show
+    expected, history = dict(captured[0].student), []
+    for decay, student in zip(decays, after_steps, strict=True):
+        history.append(expected)
+        expected = {
+            key: decay * value + (1 - decay) * student[key] if value.is_floating_point() else student[key]
+            for key, value in expected.items()
+        }
+    ema = load_checkpoint(run / "last.pt")["ema"]
+    for key, value in expected.items():
+        torch.testing.assert_close(ema[key], value, msg=key)
+    # Each step's teacher_logits: the EMA as it stood before the step, in eval mode, on that step's images.
+    model = create_model("cifar/smallcnn", 10, width=4).eval()
+    for (images, teacher_logits), state in zip(calls, history, strict=True):
+        model.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(teacher_logits, model(images))

@@ -1,11 +1,13 @@
 """The ``unikd`` command (also ``python -m unikd``).
 
     unikd train CONFIG [key=value ...] [--resume]
-    unikd eval CHECKPOINT [key=value ...] [--data ROOT]
+    unikd eval CHECKPOINT [key=value ...] [--data ROOT] [--out FILE]
+    unikd eval --model NAME WEIGHTS --data ROOT [key=value ...] [--format LAYOUT] [--out FILE]
     unikd export CHECKPOINT OUT
     unikd config CONFIG [key=value ...]
     unikd softlabels CHECKPOINT [key=value ...] --out DIR [--data ROOT] [--num-images N]
     unikd bench PROFILE [key=value ...] --out DIR [--methods M ...] [--seeds S ...]
+    unikd detect {train,eval,export,config,mosaics,bench} ...   (unikd.detection.cli)
 
 Each subcommand is one ``_<name>`` function taking the parsed arguments plus one ``add_parser`` block in
 ``build_parser``. Exit status: 0 on success; 2 with ``unikd: error: <message>`` on one line and no traceback for a
@@ -41,15 +43,35 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from unikd.train import evaluate_checkpoint
+    from unikd.train import evaluate_checkpoint, evaluate_weights
 
     overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
-    metrics = evaluate_checkpoint(args.checkpoint, overrides)
+    if args.model is None:
+        if args.format is not None:
+            raise UnikdError("--format: only with --model NAME (a unikd checkpoint says what it holds)")
+        metrics = evaluate_checkpoint(args.checkpoint, overrides)
+    else:
+        from unikd.models import FORMATS
+
+        layout = args.format or "auto"
+        if layout not in FORMATS:
+            raise UnikdError(f"--format: {layout!r} is not one of {', '.join(sorted(FORMATS))}")
+        metrics = evaluate_weights(args.model, args.checkpoint, overrides, layout=layout)
     print(
         f"unikd eval: {metrics['model_name']} from {args.checkpoint}, {metrics['split']} split of "
         f"{metrics['dataset']} ({metrics['images']} images)"
     )
+    if "weights" in metrics:
+        print(f"  read {metrics['weights']}")
+        print(f"  transform: {metrics['transform']}")
     print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}")
+    if args.out is not None:
+        from unikd._rundir import write_json
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, {**metrics, "file": str(args.checkpoint)})
+        print(f"wrote {out}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -109,13 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser(
-        "eval", help="evaluate a checkpoint", description="Top-1/top-5 of a checkpoint on its validation set."
+        "eval",
+        help="evaluate a checkpoint or any weights file",
+        description="Top-1/top-5 of a unikd checkpoint on its validation set, or with --model of any weights file "
+        "(unikd, timm, torchvision, CRD/mdistiller, mmpretrain/cls_KD layouts, detected) on a dataset.",
     )
-    evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a unikd training checkpoint (.pt)")
     evaluate.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="overrides of the checkpoint's config, e.g. data.root=DIR"
+        "checkpoint", metavar="CHECKPOINT", help="a unikd training checkpoint (.pt), or with --model any weights file"
+    )
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=DIR data.val_subset=1000"
     )
     evaluate.add_argument("--data", metavar="ROOT", help="the dataset folder (same as data.root=ROOT)")
+    evaluate.add_argument(
+        "--model",
+        metavar="NAME",
+        help="the model the weights file holds, e.g. cifar/resnet32x4, mdistiller/ResNet50, mmpretrain/resnet18; "
+        "the dataset: --data ROOT (ImageNet-layout and CIFAR folders are recognised) or data.name=...",
+    )
+    evaluate.add_argument(
+        "--format", metavar="LAYOUT", help="with --model: the file's layout, native, mdistiller or mmpretrain "
+        "(default: auto, detected)",
+    )  # fmt: skip
+    evaluate.add_argument("--out", metavar="FILE", help="also write the numbers as JSON to FILE")
     evaluate.set_defaults(func=_eval)
 
     export = commands.add_parser(
@@ -174,12 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
     bench.set_defaults(func=_bench)
+
+    from unikd.detection.cli import add_commands as add_detection_commands
+
+    add_detection_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
-    args = build_parser().parse_args(argv)
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    ``key=value`` overrides may come before or after a command's options (``unikd eval --model NAME WEIGHTS --data
+    ROOT data.val_subset=1000``): argparse stops filling a ``nargs="*"`` positional at the first option, so the
+    overrides it leaves over are added back here, in order.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in arg or arg.startswith("-") for arg in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

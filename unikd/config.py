@@ -38,16 +38,26 @@ DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder", "fak
 NATIVE_CHANNELS = {"cifar10": 3, "cifar100": 3, "fashion_mnist": 1, "mnist": 1, "imagefolder": 3, "fake": 3}
 # Class counts known without reading the data (fake: data.num_classes or 10; an ImageFolder's come from its folders).
 _KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10, "mnist": 10, "fake": 10}
-MODEL_PREFIXES = ("cifar/", "timm/", "tv/")
+# The namespaces of unikd.models (NAMESPACES, tested equal): its own three and the names mdistiller and mmpretrain use.
+MODEL_PREFIXES = ("cifar/", "timm/", "tv/", "mdistiller/", "mmpretrain/")
+# unikd.models.FORMATS (tested equal): how a weights file is laid out, detected ("auto") or named.
+WEIGHT_FORMATS = ("auto", "native", "mdistiller", "mmpretrain")
+EVAL_INTERPOLATIONS = ("auto", "bilinear", "bicubic")
+# Models whose reference recipes resize evaluation images bicubically (mmpretrain's imagenet_bs64_swin_224 pipeline of
+# the DeiT / Swin configs, timm's pretrained configs); the others' (mmpretrain's CNN configs, torchvision's
+# references) resize bilinearly. Matched against the start of the model's canonical name after its namespace.
+_BICUBIC_EVAL_MODELS = ("vit", "deit", "swin")
 # Set from the dataset by the trainer; giving them in *_kwargs could only disagree with it.
 _DERIVED_MODEL_KWARGS = ("num_classes", "in_chans")
 # Names users type for a choice that spelling distance would get wrong (difflib offers 'cpu' for 'gpu').
 _SYNONYMS = {"gpu": "cuda", "fp32": "none", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
 # Keys that may differ between a run and its --resume (README, "The trainer"): where the data and the outputs live,
-# how fast data loads, how long to train, and what is logged. Any other difference is refused.
+# how fast data loads, how long to train, and what is logged; and the file the student was initialised from, which a
+# resume does not read (the student comes from last.pt). Any other difference is refused.
 SAFE_TO_CHANGE_ON_RESUME = (
     "output_dir",
+    "model.student_checkpoint",
     "data.root",
     "data.download",
     "data.num_workers",
@@ -63,7 +73,7 @@ SAFE_TO_CHANGE_ON_RESUME = (
 # What a checkpoint's stored config may set when the checkpoint is evaluated (unikd eval, softlabels): what the
 # student is and the dataset it was trained on, never downloads, workers, batch sizes, devices or subsets.
 _STORED_KEYS_FOR_EVAL = {
-    "data": ("name", "root", "num_classes", "img_size", "channels"),
+    "data": ("name", "root", "num_classes", "img_size", "channels", "eval_interpolation", "eval_crop_pct"),
     "model": ("student", "student_kwargs", "feature_layer"),
     "method": None,  # every hyper-parameter (soft labels rebuild USKD's weak head); checked like any config
 }
@@ -86,6 +96,7 @@ __all__ = [
     "check_teacher_num_classes",
     "config_changes",
     "config_for_checkpoint",
+    "config_for_weights",
     "config_from_dict",
     "config_to_dict",
     "dataset_channels",
@@ -123,15 +134,25 @@ class DataConfig:
     num_workers: int = _option(2, minimum=0)
     pin_memory: bool = True  # only effective with CUDA
     channels: int | None = _option(None, choices=(1, 3))  # None: the dataset's own; 3 repeats a grayscale channel
+    # imagefolder evaluation: resize the short side to floor(img_size / eval_crop_pct), then centre-crop img_size
+    # (224 / 0.875 = 256). "auto" resolves from model.student: bicubic for ViT/DeiT/Swin, else bilinear.
+    eval_interpolation: str = _option("auto", choices=EVAL_INTERPOLATIONS)
+    eval_crop_pct: float = _option(0.875, positive=True, maximum=1)
 
 
 @dataclass
 class ModelConfig:
     student: str = "cifar/smallcnn"
     student_kwargs: dict = field(default_factory=dict)  # to create_model; num_classes/in_chans come from the data
+    student_checkpoint: str | None = None  # initialise the student from this weights file (fine-tuning)
+    student_format: str = _option("auto", choices=WEIGHT_FORMATS)  # its layout; auto: detected
     teacher: str | None = None
     teacher_kwargs: dict = field(default_factory=dict)
     teacher_checkpoint: str | None = None
+    teacher_format: str = _option("auto", choices=WEIGHT_FORMATS)
+    # eval: the frozen teacher in eval mode (mdistiller, CRD); train: its BatchNorm normalises with batch statistics
+    # and updates its running ones, as in cls_KD's ImageNet runs (still frozen: no gradient, no optimizer).
+    teacher_mode: str = _option("eval", choices=("eval", "train"))
     feature_layer: str | int = "mid"  # the intermediate feature USKD's weak head reads
 
 
@@ -180,6 +201,11 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True  # progress bars (off in tests and CI)
     nan_check: bool = True
+    # The EMA copy of the student a method may take its soft targets from (USKD target_soft_label=ema, Table 15's
+    # S2): timm's ModelEmaV3. 0.9998 is timm's train.py default (--model-ema-decay); with ema_warmup the decay
+    # starts low, 1 - (1 + step)^(-2/3) (timm's warm-up), so that early soft targets follow the student, up to it.
+    ema_decay: float = _option(0.9998, minimum=0, maximum=1)
+    ema_warmup: bool = True
 
 
 @dataclass
@@ -221,6 +247,11 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), *
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...), got {_describe(raw)}")
+        if raw.get("task") == "detection":
+            raise ConfigError(
+                f"{path}: a detection config (task: detection); run it with unikd detect train (check it with unikd "
+                "detect config)"
+            )
     return config_from_dict(raw, overrides, check_files=check_files)
 
 
@@ -266,23 +297,36 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 def check_teacher_num_classes(model_cfg: ModelConfig, num_classes: int) -> None:
     """Raise ``ConfigError`` when ``model.teacher_checkpoint`` was trained for another number of classes.
 
-    Reads the ``num_classes`` a unikd training checkpoint records; plain state_dict and safetensors files do not
-    record it (``load_teacher`` then reports a shape mismatch). The trainer calls this once the dataset is built.
+    Reads the ``num_classes`` that a unikd training checkpoint or a unikd ``.safetensors`` export records, through
+    the safe reader (nothing in the file is run; a safetensors file's header only); other files do not record it
+    (loading the teacher then reports the classifier's shape mismatch). The trainer calls this once the dataset is
+    built.
     """
-    if model_cfg.teacher_checkpoint is None or not str(model_cfg.teacher_checkpoint).endswith((".pt", ".pth")):
+    if model_cfg.teacher_checkpoint is None:
         return
-    from unikd._serialization import safe_torch_load  # here: importing unikd.config stays light (no torch)
-
-    try:
-        checkpoint = safe_torch_load(model_cfg.teacher_checkpoint)
-    except Exception:  # not ours to diagnose: load_teacher reports unreadable files with their own message
-        return
-    teacher_classes = checkpoint.get("num_classes") if isinstance(checkpoint, dict) else None
-    if isinstance(teacher_classes, int) and teacher_classes != num_classes:
+    teacher_classes = _recorded_num_classes(model_cfg.teacher_checkpoint)
+    if teacher_classes is not None and teacher_classes != num_classes:
         raise ConfigError(
             f"model.teacher_checkpoint: the teacher in {model_cfg.teacher_checkpoint} predicts {teacher_classes} "
             f"classes but the dataset has {num_classes}"
         )
+
+
+def _recorded_num_classes(path: str) -> int | None:
+    from unikd._serialization import safe_torch_load, serialization_of  # here: importing unikd.config loads no torch
+
+    try:
+        if serialization_of(path) == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as file:
+                recorded = (file.metadata() or {}).get("num_classes", "")
+            return int(recorded) if recorded.isdigit() else None
+        checkpoint = safe_torch_load(path)
+    except Exception:  # not ours to diagnose: loading the teacher reports unreadable files with their own message
+        return None
+    recorded = checkpoint.get("num_classes") if isinstance(checkpoint, dict) else None
+    return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None
 
 
 def dataset_channels(data_cfg: DataConfig) -> int:
@@ -301,15 +345,17 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return {key: values for key, values in changes.items() if values[0] != values[1]}
 
 
-def config_for_checkpoint(stored: Any, overrides: Iterable[str] = ()) -> Config:
+def config_for_checkpoint(stored: Any, overrides: Iterable[str] = (), *, keep_method: bool = False) -> Config:
     """The config to evaluate a checkpoint with (``unikd eval``, ``unikd softlabels``).
 
     It starts from the defaults and takes from the checkpoint's stored config only what the student is and which
-    dataset it was trained on (``data.name``, ``root``, ``num_classes``, ``img_size``, ``channels``; the student, its
-    keyword arguments and feature layer; a teacher-free method's hyper-parameters), then applies the user's
-    ``overrides``. So a checkpoint from elsewhere cannot make evaluation download anything, create folders, fetch
-    weights, or choose workers, batch sizes, the device or a validation subset: those are the defaults (no
-    download, the full validation set) unless the command line says otherwise.
+    dataset it was trained on (``data.name``, ``root``, ``num_classes``, ``img_size``, ``channels``, the evaluation
+    resize; the student, its keyword arguments and feature layer; the method's hyper-parameters unless the method
+    takes a trained teacher, which evaluation does not need: ``keep_method`` keeps them anyway, and the overrides must
+    then name the teacher), then applies the user's ``overrides``. So a checkpoint from elsewhere cannot make
+    evaluation download anything, create folders, fetch weights, or choose workers, batch sizes, the device or a
+    validation subset: those are the defaults (no download, the full validation set) unless the command line says
+    otherwise.
     """
     from unikd.methods import METHODS
 
@@ -321,7 +367,8 @@ def config_for_checkpoint(stored: Any, overrides: Iterable[str] = ()) -> Config:
         if isinstance(values, dict):
             raw[section] = _deepcopy_plain(values if keys is None else {k: values[k] for k in keys if k in values})
     method = raw.get("method", {})
-    if not isinstance(method.get("name"), str) or getattr(METHODS.get(method["name"]), "needs_teacher", True):
+    method_cls = METHODS.get(method.get("name")) if isinstance(method.get("name"), str) else None
+    if method_cls is None or (not keep_method and method_cls.teacher_source_for(method) == "checkpoint"):
         raw.pop("method", None)  # the teacher is not needed to evaluate its student
     student_kwargs = raw.get("model", {}).get("student_kwargs")
     if isinstance(student_kwargs, dict):
@@ -329,6 +376,47 @@ def config_for_checkpoint(stored: Any, overrides: Iterable[str] = ()) -> Config:
             key: value for key, value in student_kwargs.items() if key not in _FETCHING_MODEL_KWARGS
         }
     return config_from_dict(raw, overrides, check_files=False)
+
+
+def config_for_weights(model_name: str, overrides: Iterable[str] = (), *, layout: str = "auto") -> Config:
+    """The config to evaluate the weights file of a ``model_name`` model with (``unikd eval --model``).
+
+    The defaults plus ``overrides`` (``data.root=DIR``, ``data.name``, ``model.student_kwargs.*``, ...), with
+    ``model.student = model_name`` and ``model.student_format = layout``. Without ``data.name`` the dataset is
+    inferred from ``data.root``: ``train/`` or ``val/`` folders are an ImageNet-layout ``imagefolder``,
+    ``cifar-10-batches-py/`` is ``cifar10`` and ``cifar-100-python/`` ``cifar100``; anything else (MNIST and
+    Fashion-MNIST files look alike) needs ``data.name``.
+    """
+    raw: dict[str, Any] = {}
+    for override in overrides:
+        _apply_override(raw, override)
+    raw.setdefault("model", {})
+    if isinstance(raw["model"], dict):
+        raw["model"].update(student=model_name, student_format=layout)
+    data = raw.setdefault("data", {})
+    if isinstance(data, dict) and data.get("name") is None:
+        data["name"] = _infer_dataset(data.get("root"))
+    return config_from_dict(raw, check_files=False)
+
+
+def _infer_dataset(root: Any) -> str:
+    if root is None:
+        raise ConfigError(
+            "data.name: which dataset? pass --data ROOT (an ImageNet-layout or CIFAR folder is recognised) or "
+            f"data.name=... (one of {', '.join(DATASETS)})"
+        )
+    folder = Path(str(root)).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"data.root: no such folder: {root}")
+    if (folder / "train").is_dir() or (folder / "val").is_dir():
+        return "imagefolder"
+    for name, marker in (("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")):
+        if (folder / marker).is_dir():
+            return name
+    raise ConfigError(
+        f"data.name: cannot tell which dataset {root} holds (no train/ or val/ folder of an ImageNet layout, no "
+        "cifar-10-batches-py/ or cifar-100-python/); pass data.name=... (e.g. data.name=fashion_mnist)"
+    )
 
 
 # ---- validation -------------------------------------------------------------------------------------------------
@@ -463,16 +551,22 @@ def _check_model(cfg: Config, *, check_files: bool) -> None:
             "grayscale channel (data.channels=3)"
         )
     _check_model_builds(cfg, "student")
+    if cfg.data.eval_interpolation == "auto":
+        cfg.data.eval_interpolation = _eval_interpolation_of(model.student)
+    if check_files and model.student_checkpoint is not None and not os.path.isfile(model.student_checkpoint):
+        raise ConfigError(f"model.student_checkpoint: file not found: {model.student_checkpoint}")
     method = cfg.method.name
-    if METHODS[method].needs_teacher:
+    source = METHODS[method].teacher_source_for(cfg.method.params)
+    if source == "checkpoint":
+        described = _describe_method(cfg)
         if model.teacher is None:
             raise ConfigError(
-                f"model.teacher: method '{method}' needs a teacher "
+                f"model.teacher: {described} needs a teacher "
                 "(e.g. model.teacher=cifar/resnet32x4 model.teacher_checkpoint=PATH)"
             )
         if model.teacher_checkpoint is None and not model.teacher_kwargs.get("pretrained"):
             raise ConfigError(
-                f"model.teacher_checkpoint: method '{method}' needs the teacher's trained weights "
+                f"model.teacher_checkpoint: {described} needs the teacher's trained weights "
                 "(set model.teacher_checkpoint=PATH, or model.teacher_kwargs.pretrained=true for a timm model)"
             )
         if check_files and model.teacher_checkpoint is not None and not os.path.isfile(model.teacher_checkpoint):
@@ -482,16 +576,49 @@ def _check_model(cfg: Config, *, check_files: bool) -> None:
         if check_files and classes is not None:  # else the trainer checks it once the dataset is read
             check_teacher_num_classes(model, classes)
     elif model.teacher is not None or model.teacher_checkpoint is not None:
-        warnings.warn(f"model.teacher: method '{method}' does not use a teacher; ignoring it", stacklevel=3)
+        own = " (its soft targets come from an EMA copy of the student)" if source == "ema" else ""
+        warnings.warn(f"model.teacher: method '{method}' does not use a teacher{own}; ignoring it", stacklevel=3)
+    if source == "ema" and cfg.train.ema_decay >= 1:
+        raise ConfigError(
+            f"train.ema_decay: must be < 1 (1 would keep the student's initial weights), got {cfg.train.ema_decay}"
+        )
+
+
+def _describe_method(cfg: Config) -> str:
+    """``method 'kd'``, or for a method that takes a teacher only with some hyper-parameters the ones that make it
+    do so: ``method 'uskd' with method.target_soft_label=teacher``."""
+    from unikd.methods import METHODS, method_defaults
+
+    cls, params = METHODS[cfg.method.name], cfg.method.params
+    defaults = method_defaults(cfg.method.name)
+    causes = [
+        f"method.{key}={value}"
+        for key, value in params.items()
+        if value != defaults.get(key) and cls.teacher_source_for({**params, key: defaults.get(key)}) != "checkpoint"
+    ]
+    return f"method '{cfg.method.name}'" + (f" with {', '.join(causes)}" if causes else "")
+
+
+def _eval_interpolation_of(model_name: str) -> str:
+    """``data.eval_interpolation=auto`` for ``model_name``: bicubic for the ViT, DeiT and Swin families."""
+    from unikd.models import resolve_model_name
+
+    arch = resolve_model_name(model_name).partition("/")[2].lower()
+    return "bicubic" if arch.startswith(_BICUBIC_EVAL_MODELS) else "bilinear"
 
 
 def _check_model_builds(cfg: Config, role: str) -> None:
     """Build the student or teacher on the meta device (no memory, no weights, no download), so that an unknown model
     name or keyword argument, or a model that cannot take the data's channels, fails now rather than after the data
     is loaded."""
+    from unikd.models import resolve_model_name
+
     name, kwargs = getattr(cfg.model, role), getattr(cfg.model, f"{role}_kwargs")
     channels = dataset_channels(cfg.data)
-    if name.startswith("tv/") and channels != 3:
+    canonical = name  # an alias (mmpretrain/shufflenet-v2-1x_16xb64_in1k) is the model it names (tv/...)
+    with contextlib.suppress(UnikdError):  # an unknown name: the build below says so
+        canonical = resolve_model_name(name)
+    if canonical.startswith("tv/") and channels != 3:
         raise ConfigError(
             f"model.{role}: torchvision models take 3-channel images and {cfg.data.name} has {channels}; set "
             "data.channels=3 to repeat its grayscale channel"

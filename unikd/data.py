@@ -10,9 +10,12 @@ Datasets (``data.name``) and the files each expects under ``data.root``:
 - ``fashion_mnist`` / ``mnist``: the four idx files, gzipped or not, straight in ``data.root`` (the layout of the
   Debian package ``dataset-fashion-mnist``, the default root). Train: RandomCrop 28 pad 2 + horizontal flip; the
   flip is the usual choice for Fashion-MNIST (clothes are left-right symmetric), harmless for the MNIST digits test.
-- ``imagefolder``: the ImageNet layout ``train/<class>/*`` and ``val/<class>/*``. Train: RandomResizedCrop + flip,
-  or timm's ``create_transform`` with RandAugment for ``data.augment=randaugment`` (ViT recipes); eval: resize to
-  size/0.875 and center-crop.
+- ``imagefolder``: the ImageNet layout ``train/<class>/*`` and ``val/<class>/*`` (``val/`` alone to evaluate). Train:
+  RandomResizedCrop + flip, or timm's ``create_transform`` with RandAugment for ``data.augment=randaugment`` (ViT
+  recipes); eval: resize the short side to floor(size / ``data.eval_crop_pct``) with ``data.eval_interpolation``,
+  then centre-crop ``size`` (224: 256 then 224, as mmpretrain's and torchvision's references; their CNN configs
+  resize bilinearly, the DeiT / Swin ones bicubically. mmpretrain's CNN pipeline resizes with OpenCV, which does not
+  antialias: PIL's bilinear resize used here differs slightly from it).
 - ``fake``: torchvision's ``FakeData`` (random images, 3x32x32 unless ``data.img_size``), ``data.train_subset`` or
   1000 training and ``data.val_subset`` or 200 validation images; for smoke tests and benchmarks.
 
@@ -30,6 +33,7 @@ truncated idx or CIFAR file (when the dataset is built). Images are never skippe
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import shutil
@@ -67,6 +71,12 @@ SUBSET_SEED = 0  # subsets are the same for every run (and every train.seed), so
 FAKE_SIZES = (1000, 200)  # train, val images of data.name=fake unless data.train_subset / data.val_subset
 FAKE_VAL_OFFSET = 10**9  # FakeData index offset of the validation images
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# data.eval_interpolation. A loaded config has resolved "auto" from its model; a DataConfig made by hand has not.
+_INTERPOLATIONS = {
+    "auto": v2.InterpolationMode.BILINEAR,
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+}
 
 
 class _Stats(NamedTuple):
@@ -90,10 +100,11 @@ _STATS = {
 class DataBundle:
     """The training and validation sets of one dataset and what the models need to know about it.
 
-    Items are ``(image (in_chans, img_size, img_size) float tensor, class index int)``.
+    Items are ``(image (in_chans, img_size, img_size) float tensor, class index int)``. ``train`` is None when only
+    the validation set was loaded (``build_datasets(..., with_train=False)``).
     """
 
-    train: Dataset
+    train: Dataset | None
     val: Dataset
     num_classes: int
     class_names: list[str]
@@ -108,14 +119,16 @@ def dataset_root(data_cfg: DataConfig) -> Path:
     return Path(FASHION_MNIST_ROOT if data_cfg.name == "fashion_mnist" else f"data/{data_cfg.name}")
 
 
-def build_datasets(data_cfg: DataConfig) -> DataBundle:
+def build_datasets(data_cfg: DataConfig, *, with_train: bool = True) -> DataBundle:
     """Load ``data.name`` from ``data.root`` with its train / eval transforms and the configured subsets.
 
-    Raises ``ConfigError`` naming ``data.root`` (missing files, and how to get them), ``data.download`` (a failed
-    download) or ``data.num_classes`` (it disagrees with the dataset).
+    ``with_train=False`` loads the validation set only (evaluation; ``bundle.train`` is None): an ImageNet-layout
+    folder then needs only ``val/``. Raises ``ConfigError`` naming ``data.root`` (missing files, and how to get
+    them), ``data.download`` (a failed download) or ``data.num_classes`` (it disagrees with the dataset).
     """
     root = dataset_root(data_cfg)
-    train_tf, val_tf = build_transform(data_cfg, train=True), build_transform(data_cfg, train=False)
+    train_tf = build_transform(data_cfg, train=True) if with_train else None
+    val_tf = build_transform(data_cfg, train=False)
     if data_cfg.name == "fake":
         train, val, class_names = _fake(data_cfg, train_tf, val_tf)
     else:
@@ -126,7 +139,7 @@ def build_datasets(data_cfg: DataConfig) -> DataBundle:
             f"({data_cfg.name} in {root} has {len(class_names)} classes)"
         )
     return DataBundle(
-        train=_subset(train, data_cfg.train_subset),
+        train=None if train is None else _subset(train, data_cfg.train_subset),
         val=_subset(val, data_cfg.val_subset),
         num_classes=len(class_names),
         class_names=list(class_names),
@@ -153,7 +166,11 @@ def build_transform(data_cfg: DataConfig, *, train: bool) -> Callable:
             )  # fmt: skip
         if augment:
             return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *to_tensor])
-        return v2.Compose([v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size), *to_tensor])
+        resize = v2.Resize(
+            math.floor(size / data_cfg.eval_crop_pct), interpolation=_INTERPOLATIONS[data_cfg.eval_interpolation],
+            antialias=True,
+        )  # fmt: skip
+        return v2.Compose([resize, v2.CenterCrop(size), *to_tensor])
     # Small-image datasets: resize only to run them at another size (e.g. a ViT on CIFAR); FakeData is made at size.
     steps: list[Any] = []
     if size != stats.img_size and data_cfg.name != "fake":
@@ -242,13 +259,14 @@ def _cifar(data_cfg: DataConfig, root: Path, train_tf: Callable, val_tf: Callabl
     if not all((root / cls.base_folder / name).is_file() for name in files):
         raise _not_found(data_cfg.name, root, expected, downloadable=True)
     try:
-        train, val = cls(root, train=True, transform=train_tf), cls(root, train=False, transform=val_tf)
+        train = cls(root, train=True, transform=train_tf) if train_tf is not None else None
+        val = cls(root, train=False, transform=val_tf)
     except (EOFError, pickle.UnpicklingError, ValueError, KeyError, OSError) as error:
         raise DataError(
             f"data.root: the {data_cfg.name} files in {root / cls.base_folder} are damaged or truncated "
             f"({_reason(error)}); download or copy them again"
         ) from None
-    return train, val, train.classes
+    return train, val, val.classes
 
 
 # ---- MNIST-like (idx files) -------------------------------------------------------------------------------------
@@ -328,25 +346,34 @@ def _idx(data_cfg: DataConfig, root: Path, train_tf: Callable, val_tf: Callable)
     if not all(_idx_path(root, name.removesuffix(".gz")) for name, _ in cls.resources):
         hint = "install it with apt-get install dataset-fashion-mnist, " if data_cfg.name == "fashion_mnist" else ""
         raise _not_found(data_cfg.name, root, expected, downloadable=True, hint=hint)
-    return cls(root, train=True, transform=train_tf), cls(root, train=False, transform=val_tf), list(cls.classes)
+    train = cls(root, train=True, transform=train_tf) if train_tf is not None else None
+    return train, cls(root, train=False, transform=val_tf), list(cls.classes)
 
 
 # ---- ImageFolder and fake ---------------------------------------------------------------------------------------
 
 
-def _imagefolder(data_cfg: DataConfig, root: Path, train_tf: Callable, val_tf: Callable) -> tuple[Any, Any, list]:
-    expected = "train/<class>/<image> and val/<class>/<image>"
-    if not ((root / "train").is_dir() and (root / "val").is_dir()):
+def _imagefolder(
+    data_cfg: DataConfig, root: Path, train_tf: Callable | None, val_tf: Callable
+) -> tuple[Any, Any, list]:
+    splits = ("train", "val") if train_tf is not None else ("val",)
+    expected = " and ".join(f"{split}/<class>/<image>" for split in splits)
+    if not all((root / split).is_dir() for split in splits):
         raise _not_found(data_cfg.name, root, expected, downloadable=False)
     try:
-        train = datasets.ImageFolder(root / "train", transform=train_tf, loader=read_rgb_image)
+        train = None
+        if train_tf is not None:
+            train = datasets.ImageFolder(root / "train", transform=train_tf, loader=read_rgb_image)
         val = datasets.ImageFolder(root / "val", transform=val_tf, loader=read_rgb_image)
     except FileNotFoundError as error:  # no class folders, or a class folder without images
         raise ConfigError(f"data.root: {error} (expected {expected})") from None
-    if len(train.classes) < 2:
+    first = train if train is not None else val
+    if len(first.classes) < 2:
         raise ConfigError(
-            f"data.root: {root}/train has one class folder ({train.classes[0]}); classification needs at least two"
+            f"data.root: {first.root} has one class folder ({first.classes[0]}); classification needs at least two"
         )
+    if train is None:
+        return None, val, val.classes
     if val.classes != train.classes:
         only = sorted(set(train.classes) ^ set(val.classes))
         raise ConfigError(
@@ -375,13 +402,15 @@ def read_rgb_image(path: str) -> Image.Image:
         ) from None
 
 
-def _fake(data_cfg: DataConfig, train_tf: Callable, val_tf: Callable) -> tuple[Dataset, Dataset, list]:
+def _fake(data_cfg: DataConfig, train_tf: Callable | None, val_tf: Callable) -> tuple[Dataset | None, Dataset, list]:
     num_classes = data_cfg.num_classes or 10
     size = data_cfg.img_size or _STATS["fake"].img_size
     train_size, val_size = data_cfg.train_subset or FAKE_SIZES[0], data_cfg.val_subset or FAKE_SIZES[1]
     # A fixed random_offset keeps the validation images distinct from the training images (FakeData seeds image i
     # with i + offset) and the same whatever data.train_subset, so a checkpoint's validation set is well defined.
-    train = datasets.FakeData(train_size, (3, size, size), num_classes, transform=train_tf)
+    train = None
+    if train_tf is not None:
+        train = datasets.FakeData(train_size, (3, size, size), num_classes, transform=train_tf)
     val = datasets.FakeData(val_size, (3, size, size), num_classes, transform=val_tf, random_offset=FAKE_VAL_OFFSET)
     return train, val, [f"class_{index}" for index in range(num_classes)]
 

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -101,15 +102,24 @@ from unikd.config import (
     check_teacher_num_classes,
     config_changes,
     config_for_checkpoint,
+    config_for_weights,
     config_from_dict,
     config_to_dict,
     dump_config,
 )
 from unikd.data import DataBundle, build_datasets, build_mix_collate
 from unikd.methods import METHODS, Method, create_method, forward_student
-from unikd.models import create_model, feature_dim, load_teacher
+from unikd.models import create_model, feature_dim, init_student_from_file, load_model_weights
 
-__all__ = ["TrainableModules", "evaluate", "evaluate_checkpoint", "optimizer_step", "student_from_checkpoint", "train"]
+__all__ = [
+    "TrainableModules",
+    "evaluate",
+    "evaluate_checkpoint",
+    "evaluate_weights",
+    "optimizer_step",
+    "student_from_checkpoint",
+    "train",
+]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 T = TypeVar("T")
@@ -150,6 +160,7 @@ class _Run:
     student: nn.Module
     method: Method
     teacher: nn.Module | None
+    ema: ModelEmaV3 | None  # the EMA copy of the student that gives teacher_logits (method.teacher_source == "ema")
     model: nn.Module  # what a step calls: TrainableModules, wrapped in DDP and/or compiled
     eval_model: nn.Module  # the student, compiled or not
     optimizer: torch.optim.Optimizer
@@ -163,6 +174,7 @@ class _Run:
     trainable_params: list[nn.Parameter] = field(default_factory=list)
     resumed: bool = False
     safe_changes: dict[str, tuple] = field(default_factory=dict)  # config keys a resume changed, all safe ones
+    weights: dict[str, str] = field(default_factory=dict)  # what was read from which file: "teacher", "student"
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -275,20 +287,26 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
     # Seed again right before the student so its initialisation depends on the seed only (not on the data
     # pipeline, not on the method built after it): paired runs across methods start from the same weights.
     _seed_everything(cfg.train.seed)
-    student, method, teacher = _build_models(cfg, bundle, device)
+    models = _build_models(cfg, bundle, device, initialise=checkpoint is None)
+    student, method = models.student, models.method
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     trainable = TrainableModules(student, method, cfg.model.feature_layer).to(device, memory_format=memory_format)
+    # The EMA copy is made of the student as it starts (on its device), and is never given to DDP or the optimizer.
+    ema = None
+    if method.teacher_source == "ema":
+        ema = ModelEmaV3(student, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
     optimizer = build_optimizer(trainable, cfg.optim)
-    _on_main_rank(lambda: check_writable(output_dir, _checkpoint_bytes(trainable, cfg.optim)), dist_info, device)
+    needed = _checkpoint_bytes(trainable, cfg.optim, ema)
+    _on_main_rank(lambda: check_writable(output_dir, needed), dist_info, device)
     run = _Run(
         cfg=cfg, dist=dist_info, device=device, output_dir=output_dir, bundle=bundle, train_loader=train_loader,
         train_sampler=train_sampler, val_loader=val_loader, steps_per_epoch=steps_per_epoch, student=student,
-        method=method, teacher=teacher, model=trainable, eval_model=student, optimizer=optimizer,
+        method=method, teacher=models.teacher, ema=ema, model=trainable, eval_model=student, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, cfg.train.epochs, steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"),
         run_id=uuid.uuid4().hex, start_epoch=0, step=0,
         metrics={"history": [], "best_top1": None, "best_epoch": None, "teacher_top1": None, "epoch_train_time_s": 0.0},
-        trainable_params=[p for p in trainable.parameters() if p.requires_grad],
+        trainable_params=[p for p in trainable.parameters() if p.requires_grad], weights=models.weights,
     )  # fmt: skip
     if checkpoint is not None:
         _restore(run, checkpoint)
@@ -347,27 +365,71 @@ def _check_same_data(checkpoint: dict, bundle: DataBundle, output_dir: Path) -> 
         )
 
 
-def _build_models(cfg: Config, bundle: DataBundle, device: torch.device) -> tuple[nn.Module, Method, nn.Module | None]:
-    """The student, the method (with USKD's weak head sized to the student's feature) and the frozen teacher."""
-    num_classes = bundle.num_classes
-    student = create_model(cfg.model.student, num_classes, in_chans=bundle.in_chans, **cfg.model.student_kwargs)
+@dataclass
+class _Models:
+    student: nn.Module
+    method: Method
+    teacher: nn.Module | None
+    weights: dict[str, str]  # one line per file read: "teacher", "student" (initialisation)
+
+
+def _build_models(cfg: Config, bundle: DataBundle, device: torch.device, *, initialise: bool) -> _Models:
+    """The student (initialised from ``model.student_checkpoint`` when ``initialise``: a new run), the method (with
+    USKD's weak head sized to the student's feature) and the frozen teacher, each on its way to ``device``."""
+    num_classes, model_cfg = bundle.num_classes, cfg.model
+    student = create_model(model_cfg.student, num_classes, in_chans=bundle.in_chans, **model_cfg.student_kwargs)
+    report = None
+    if initialise and model_cfg.student_checkpoint is not None:
+        report = init_student_from_file(
+            student, model_cfg.student, model_cfg.student_checkpoint, layout=model_cfg.student_format
+        )
     method_cls = METHODS[cfg.method.name]
     student_feature_dim = None
-    if method_cls.student_output == "feature":
-        student_feature_dim = feature_dim(student, cfg.model.feature_layer)
+    if method_cls.student_output_for(cfg.method.params) in ("feature", "feature_map"):
+        student_feature_dim = feature_dim(student, model_cfg.feature_layer)
     method = create_method(cfg.method.name, num_classes, feature_dim=student_feature_dim, **cfg.method.params)
+    weights = {}
+    if report is not None:
+        weights["student"] = report.describe() + _reuse_weak_head(method, report)
     teacher = None
-    if method.needs_teacher:
-        teacher_kwargs = {"in_chans": bundle.in_chans, **cfg.model.teacher_kwargs}
-        teacher = load_teacher(cfg.model.teacher, num_classes, cfg.model.teacher_checkpoint, **teacher_kwargs)
+    if method.teacher_source == "checkpoint":
+        teacher_kwargs = {"in_chans": bundle.in_chans, **model_cfg.teacher_kwargs}
+        if model_cfg.teacher_checkpoint is None:  # teacher_kwargs.pretrained: timm's / torchvision's download
+            teacher = create_model(model_cfg.teacher, num_classes, **teacher_kwargs)
+            weights["teacher"] = f"{model_cfg.teacher}: pretrained weights (timm / torchvision)"
+        else:
+            teacher, teacher_report = load_model_weights(
+                model_cfg.teacher, num_classes, model_cfg.teacher_checkpoint, layout=model_cfg.teacher_format,
+                role="teacher", **teacher_kwargs,
+            )  # fmt: skip
+            weights["teacher"] = teacher_report.describe()
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
-    return student, method, teacher
+        # Frozen either way: no gradient, no optimizer. teacher_mode=train only lets its BatchNorm normalise with the
+        # batch's statistics (and update its running ones), as cls_KD's ImageNet runs left it.
+        teacher = teacher.to(device, memory_format=memory_format).requires_grad_(False)
+        teacher.train(model_cfg.teacher_mode == "train")
+    return _Models(student, method, teacher, weights)
 
 
-def _checkpoint_bytes(trainable: nn.Module, optim_cfg) -> int:
-    """About the size of one checkpoint: the weights and buffers, the optimizer's per-parameter slots, and 1 MiB."""
-    state = sum(tensor.numel() * tensor.element_size() for tensor in trainable.state_dict().values())
+def _reuse_weak_head(method: Method, report) -> str:
+    """Load a unikd checkpoint's weak head (``report.method_state``) into ``method`` when it fits; what was done."""
+    own, stored = method.state_dict(), report.method_state
+    if not own or not stored:
+        return ""  # nothing to reuse: the weak head (if any) starts fresh, as in any run
+    if report.reinitialized:
+        return "; its weak head is for another class count: re-initialised too"
+    if set(stored) != set(own) or any(stored[key].shape != own[key].shape for key in own):
+        keys = ", ".join(sorted(stored))
+        return f"; its method state ({keys}) does not fit this method: weak head initialised afresh"
+    method.load_state_dict(stored)
+    return "; weak head from the checkpoint"
+
+
+def _checkpoint_bytes(trainable: nn.Module, optim_cfg, ema: ModelEmaV3 | None = None) -> int:
+    """About the size of one checkpoint: the weights and buffers (and the EMA copy's), the optimizer's
+    per-parameter slots, and 1 MiB."""
+    tensors = [*trainable.state_dict().values(), *(ema.module.state_dict().values() if ema is not None else ())]
+    state = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
     parameters = sum(p.numel() * p.element_size() for p in trainable.parameters() if p.requires_grad)
     slots = 2 if optim_cfg.name == "adamw" else int(optim_cfg.momentum > 0)
     return state + slots * parameters + 2**20
@@ -382,6 +444,8 @@ def _restore(run: _Run, checkpoint: dict) -> None:
         run.optimizer.load_state_dict(checkpoint["optimizer"])
         run.scheduler.load_state_dict(checkpoint["scheduler"])
         run.scaler.load_state_dict(checkpoint["scaler"])
+        if run.ema is not None:
+            run.ema.module.load_state_dict(checkpoint["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError) as error:  # an edited file: its config matched
         reason = " ".join(str(error).split())[:300]
         raise UnikdError(f"--resume: cannot restore the run from {last} ({type(error).__name__}: {reason})") from None
@@ -415,6 +479,8 @@ def _open_logs(run: _Run) -> None:
         output_dir, enabled=run.dist.is_main, tensorboard=cfg.train.tensorboard, purge_step=run.step + 1
     )
     _print_header(run, resumed)
+    if run.weights:  # what was read from which file (the header's lines), for the record
+        run.writer.write({"split": "weights", "step": run.step, "epoch": run.start_epoch, **run.weights})
     if run.safe_changes:
         for key, (old, new) in run.safe_changes.items():
             run.say(f"unikd: resume: {key} {old!r} -> {new!r}")
@@ -434,8 +500,14 @@ def _print_header(run: _Run, resumed: bool) -> None:
     run.say(f"  data: {cfg.data.name}, {len(bundle.train)} training / {len(bundle.val)} validation images, "
             f"{bundle.num_classes} classes, {image}")  # fmt: skip
     if run.teacher is not None:
-        run.say(f"  teacher: {cfg.model.teacher} from {cfg.model.teacher_checkpoint or 'pretrained weights'}, "
-                f"validation top-1 {run.metrics['teacher_top1']:.2f}")  # fmt: skip
+        run.say(f"  teacher: {cfg.model.teacher} from {cfg.model.teacher_checkpoint or 'pretrained weights'} "
+                f"({cfg.model.teacher_mode} mode), validation top-1 {run.metrics['teacher_top1']:.2f}")  # fmt: skip
+        run.say(f"    read {run.weights['teacher']}")
+    if "student" in run.weights:
+        run.say(f"  student initialised from {run.weights['student']}")
+    if run.ema is not None:
+        warmup = ", with warm-up" if cfg.train.ema_warmup else ""
+        run.say(f"  teacher logits: an EMA copy of the student (train.ema_decay {cfg.train.ema_decay:g}{warmup})")
     where = f"resumed at epoch {run.start_epoch}, step {run.step}" if resumed else "new run"
     run.say(f"  {cfg.train.epochs} epochs x {run.steps_per_epoch} steps of {cfg.train.batch_size} images; "
             f"output_dir {run.output_dir} ({where})")  # fmt: skip
@@ -506,9 +578,10 @@ def _train_step(
     target = target.to(run.device, non_blocking=True)
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         teacher_logits = None
-        if run.teacher is not None:
+        source = run.teacher if run.teacher is not None else run.ema.module if run.ema is not None else None
+        if source is not None:  # the frozen teacher, or the EMA copy of the student (always in eval mode)
             with torch.no_grad():
-                teacher_logits = run.teacher(images).float()
+                teacher_logits = source(images).float()
         terms = run.model(images, target, teacher_logits, progress)
     loss = sum(terms.values())
     stop_requested = stop.signum is not None
@@ -522,6 +595,8 @@ def _train_step(
     optimizer_step(loss, run.optimizer, run.scaler, run.trainable_params, run.cfg.optim.clip_grad_norm)
     run.scheduler.step()
     run.step += 1
+    if run.ema is not None:  # every rank: its student is the same after a DDP step (BatchNorm buffers: per rank)
+        run.ema.update(run.student, step=run.step)
     return terms, lr, stop_requested
 
 
@@ -607,6 +682,7 @@ def _checkpoint(run: _Run, epoch: int, *, mid_epoch: bool) -> dict:
         "config": config_to_dict(run.cfg),
         "metrics": run.metrics,
         "data": {"train_images": len(run.bundle.train), "val_images": len(run.bundle.val)},
+        **({"ema": run.ema.module.state_dict()} if run.ema is not None else {}),
     }
 
 
@@ -616,7 +692,8 @@ def _check_finite_state(run: _Run, when: str) -> None:
     A loss can stay finite for a while after BatchNorm's running variance has overflowed; without this check the
     broken model would be saved as the last good one, and a resume would "succeed" with it.
     """
-    bad = non_finite_state({"student": run.student, "method": run.method}, run.optimizer)
+    modules = {"student": run.student, "method": run.method, **({"ema": run.ema.module} if run.ema else {})}
+    bad = non_finite_state(modules, run.optimizer)
     flag = torch.tensor(float(bool(bad)), device=run.device)
     if run.dist.is_distributed:
         all_reduce(flag, op="max")
@@ -735,16 +812,47 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] = ()) -> d
     """
     checkpoint = load_checkpoint(path)
     cfg = config_for_checkpoint(checkpoint["config"], overrides)
-    device = resolve_device(cfg.train.device)
-    bundle = build_datasets(cfg.data)
+    bundle = build_datasets(cfg.data, with_train=False)
     student = student_from_checkpoint(checkpoint, cfg, bundle, path)
+    return {**_evaluate_on(student, cfg, bundle), "model_name": checkpoint["model_name"]}
+
+
+def evaluate_weights(
+    model_name: str, path: str | os.PathLike, overrides: list[str] = (), *, layout: str = "auto"
+) -> dict:
+    """Score any weights file of a ``model_name`` model on a dataset's whole validation set (``unikd eval --model``).
+
+    The file's layout is detected (``layout="auto"``) or named (one of ``unikd.models.FORMATS``): unikd checkpoints
+    and exports, timm / torchvision state_dicts, CRD / mdistiller and mmpretrain / cls_KD files. ``overrides``
+    (``key=value``) choose the data as ``config.config_for_weights`` says (``data.root=DIR``, inferred
+    ``data.name``, ``data.eval_interpolation``, ...); the model's classifier must fit the dataset's class count.
+    Returns ``{"top1", "top5", "loss", "split", "images", "dataset", "model_name", "weights", "transform"}``,
+    ``weights`` being the one-line description of what was read.
+    """
+    cfg = config_for_weights(model_name, overrides, layout=layout)
+    bundle = build_datasets(cfg.data, with_train=False)
+    kwargs = {"in_chans": bundle.in_chans, **cfg.model.student_kwargs}
+    model, report = load_model_weights(model_name, bundle.num_classes, path, layout=layout, **kwargs)
+    scores = _evaluate_on(model, cfg, bundle)
+    return {**scores, "model_name": model_name, "weights": report.describe(), "transform": _eval_transform(cfg)}
+
+
+def _evaluate_on(model: nn.Module, cfg: Config, bundle: DataBundle) -> dict:
+    device = resolve_device(cfg.train.device)
     loader = _eval_loader(cfg, bundle.val, DistInfo(), device)
     try:
-        scores = evaluate(student.to(device), loader, device, amp_dtype=AMP_DTYPES[cfg.train.amp])
+        scores = evaluate(model.to(device), loader, device, amp_dtype=AMP_DTYPES[cfg.train.amp])
     finally:
         _stop_data_workers(loader)
-    details = {"split": "val", "images": len(bundle.val), "dataset": cfg.data.name}
-    return {**scores, **details, "model_name": checkpoint["model_name"]}
+    return {**scores, "split": "val", "images": len(bundle.val), "dataset": cfg.data.name}
+
+
+def _eval_transform(cfg: Config) -> str:
+    """The evaluation resize in words (ImageNet-layout folders), e.g. 'resize 256 bicubic, centre crop 224'."""
+    size = cfg.data.img_size or 224
+    if cfg.data.name != "imagefolder":
+        return f"{cfg.data.name} images" + (f" resized to {size}" if cfg.data.img_size else "")
+    return f"resize {math.floor(size / cfg.data.eval_crop_pct)} {cfg.data.eval_interpolation}, centre crop {size}"
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
