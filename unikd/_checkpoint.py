@@ -9,7 +9,8 @@ holds only tensors and Python primitives::
      "epoch": epoch in progress (0-based; == epochs done when saved at an epoch end),
      "step": optimizer steps done, "mid_epoch": bool (saved by an interrupt, not at an epoch end),
      "rng": capture_rng_state(), "config": plain dict, "metrics": {"history", "best_top1", "best_epoch", ...},
-     "data": {"train_images": int, "val_images": int}}
+     "data": {"train_images": int, "val_images": int},
+     "ema": the EMA copy of the student's state_dict, only when the method's soft targets come from it}
 
 Version 1 files (no run_id, in_chans, mid_epoch, data) still load for eval, export and as teachers, not for resume.
 The data order needs no generator state: each epoch's order is a function of (seed, epoch) (``DistributedSampler``)

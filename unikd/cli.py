@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; argparse's usage error (``SystemExit(2)``) for a bad one.
 
     ``key=value`` overrides may come before or after a command's options (``unikd eval --model NAME WEIGHTS --data
     ROOT data.val_subset=1000``): argparse stops filling a ``nargs="*"`` positional at the first option, so the
@@ -232,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in arg or arg.startswith("-") for arg in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
+    args = parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

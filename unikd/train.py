@@ -1,4 +1,5 @@
-"""The training engine: ``train(cfg)`` runs one experiment; ``evaluate_checkpoint(path)`` scores a saved student.
+"""The training engine: ``train(cfg)`` runs one experiment; ``evaluate_checkpoint(path)`` scores a saved student and
+``evaluate_weights(name, path)`` any weights file.
 
 ``train`` reads as four phases: ``_set_up`` (run directory, resume checks, data, models, optimizer), then per epoch
 ``_train_epoch`` (each step one ``_train_step``) and ``_end_epoch`` (finiteness check, evaluation, checkpoints),
@@ -16,6 +17,13 @@ Integrity (unikd._rundir): the run locks its directory, so a second run there fa
 space are checked before any work; every file is written atomically, best.pt before last.pt, so the set of files is
 consistent (or repaired on ``--resume``) whenever the process dies; no checkpoint is written from a model whose
 parameters, buffers or optimizer state hold a NaN or an infinity (the run stops, as for a non-finite loss).
+
+Weights: the teacher (``model.teacher_checkpoint``) and the student's initialisation (``model.student_checkpoint``,
+new runs only) are read by ``unikd.models`` in any layout it knows (detected, or ``model.*_format``); the header and
+metrics.jsonl (``"split": "weights"``) say what was read. The teacher is frozen (no gradient, no optimizer, no DDP),
+in eval mode or, with ``model.teacher_mode=train``, with its BatchNorm in train mode. A method whose
+``teacher_source`` is ``"ema"`` gets its ``teacher_logits`` from timm's ``ModelEmaV3`` of the student instead (eval
+mode, updated after every optimizer step on every rank, saved as ``ckpt["ema"]``).
 
 Determinism: the same ``train.seed`` gives the same student initialisation and the same data order whatever the
 method (the student is built right after seeding, before the method; each epoch's order is a function of
