@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 import types
@@ -401,6 +402,14 @@ def test_cls_kd_mobilenetv1_needs_relu_and_its_alias_gives_it(tmp_path):
     batch = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(batch), source(batch), rtol=0, atol=0)
+    # A student initialised from the file (the trainer passes the keywords it built the student with) is checked too.
+    with pytest.raises(ModelError, match=re.escape("computes what timm/mobilenetv1_100 computes only with act_layer")):
+        init_student_from_file(create_model(name, 10), name, tmp_path / "mv1.pth", model_kwargs={})
+    for student_name, student_kwargs in ((name, {"act_layer": "relu"}), ("mmpretrain/mobilenet_v1", {})):
+        student = create_model(student_name, 10, **student_kwargs)
+        init_student_from_file(student, student_name, tmp_path / "mv1.pth", model_kwargs=student_kwargs)
+        with torch.no_grad():
+            torch.testing.assert_close(student.eval()(batch), source(batch), rtol=0, atol=0)
 
 
 # --- bad files through the loaders ------------------------------------------------------------------------------

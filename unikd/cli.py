@@ -100,7 +100,7 @@ def _softlabels(args: argparse.Namespace) -> None:
     for entry in report:
         others = ", ".join(f"{item['name']} {item['value']:.3f}" for item in entry["non_target"])
         print(f"{entry['target_name']}: soft target {entry['target_value']:.3f}; top non-targets: {others}")
-    print(explanation(report[0]["num_classes"]))
+    print(explanation(report[0]["num_classes"], target_soft_label=report[0]["target_soft_label"]))
     print(f"wrote {args.out}/soft_labels.json and {args.out}/soft_labels.png")
 
 

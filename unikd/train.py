@@ -389,8 +389,9 @@ def _build_models(cfg: Config, bundle: DataBundle, device: torch.device, *, init
     report = None
     if initialise and model_cfg.student_checkpoint is not None:
         report = init_student_from_file(
-            student, model_cfg.student, model_cfg.student_checkpoint, layout=model_cfg.student_format
-        )
+            student, model_cfg.student, model_cfg.student_checkpoint, layout=model_cfg.student_format,
+            model_kwargs=model_cfg.student_kwargs,
+        )  # fmt: skip
     method_cls = METHODS[cfg.method.name]
     student_feature_dim = None
     if method_cls.student_output_for(cfg.method.params) in ("feature", "feature_map"):

@@ -149,20 +149,32 @@ def load_teacher(
 
 
 def init_student_from_file(
-    model: nn.Module, name: str, path: str | os.PathLike, *, layout: str = "auto", role: str = "student"
+    model: nn.Module,
+    name: str,
+    path: str | os.PathLike,
+    *,
+    layout: str = "auto",
+    role: str = "student",
+    model_kwargs: dict | None = None,
 ) -> WeightsReport:
-    """Load the weights at ``path`` into ``model`` (built by ``create_model(name, num_classes, ...)``) to fine-tune.
+    """Load the weights at ``path`` into ``model`` (built by ``create_model(name, num_classes, **model_kwargs)``) to
+    fine-tune.
 
     When only the classifier's shape differs (another class count), the classifier keeps its fresh initialisation
     and ``report.reinitialized`` lists its keys: a weak head trained for the old classes (``report.method_state``
-    of a unikd checkpoint) must then be re-initialised too. Any other difference raises ``ModelError``.
+    of a unikd checkpoint) must then be re-initialised too. Any other difference raises ``ModelError``. Given
+    ``model_kwargs``, an mmpretrain file is also refused for a model built without the keywords its mapping needs
+    (cls_KD's MobileNetV1 with timm's default ReLU6), as ``load_model_weights`` refuses it.
     """
     model = unwrap(model)
     weight = next((key for key in sorted(classifier_keys(model)) if key.endswith("weight")), None)
     num_classes = model.state_dict()[weight].shape[0] if weight else "?"
     weights = read_weights_file(path)
     canonical = resolve_model_name(name)
-    return _load(model, canonical, num_classes, weights, path, layout=layout, role=role, new_classifier_ok=True)
+    report = _load(model, canonical, num_classes, weights, path, layout=layout, role=role, new_classifier_ok=True)
+    if model_kwargs is not None and report.layout == "mmpretrain":
+        _check_mmpretrain_kwargs(report, canonical, {**implied_kwargs(name), **model_kwargs})
+    return report
 
 
 def _first_conv_in_chans(state_dict: dict[str, torch.Tensor]) -> int | None:
