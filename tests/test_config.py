@@ -277,6 +277,11 @@ def test_every_method_loads_with_its_defaults():
             "train.ema_decay: must be < 1 (1 would keep the student's initial weights), got 1.0",
         ),
         (["train.ema_decay=-0.1"], "train.ema_decay: must be >= 0, got -0.1"),
+        (
+            ["method.name=uskd", "method.batch_mean_group=-1"],
+            "method.batch_mean_group: must be >= 0 for method 'uskd', got -1",
+        ),
+        (["method.name=uskd", "method.batch_mean_group=1.5"], "method.batch_mean_group: expected int, got 1.5"),
     ],
 )
 def test_validation_messages(overrides, message):
