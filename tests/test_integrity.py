@@ -249,6 +249,40 @@ def test_a_copied_in_best_checkpoint_of_another_run_is_reported(reference, tmp_p
         quiet_train(tiny_config(run), resume=True)
 
 
+def test_a_checkpoint_set_counted_in_steps_is_repaired_like_one_counted_in_epochs(tmp_path):
+    """``unit="step"`` (the detection engine evaluates every so many steps): the same repairs and refusals, with the
+    best checkpoint named by its step."""
+
+    def write(name: str, step: int, best_step: int | None) -> None:
+        save_checkpoint({"run_id": "r", "step": step, "metrics": {"best_step": best_step}}, tmp_path / name)
+
+    def reconcile() -> tuple[dict, list[str]]:
+        return unikd._rundir.reconcile_checkpoints(tmp_path, lambda path: torch.load(path), unit="step")
+
+    write(BEST, 4, 4)  # a kill between best.pt and last.pt at a new best at step 4 (last.pt at step 2)
+    write(LAST, 2, 2)
+    last, notes = reconcile()
+    assert last["step"] == torch.load(tmp_path / LAST)["step"] == 4
+    assert notes == [
+        f"{tmp_path / LAST} was 2 steps behind {tmp_path / BEST} (the run stopped between writing the two); "
+        f"continuing from {tmp_path / BEST}"
+    ]
+    (tmp_path / LAST).unlink()  # a kill right after the first best.pt
+    assert reconcile()[0]["step"] == 4 and (tmp_path / LAST).is_file()
+    write(BEST, 2, 2)  # best.pt of another step than last.pt records, and last.pt is that step: restored
+    last, notes = reconcile()
+    assert torch.load(tmp_path / BEST)["step"] == 4
+    assert notes == [f"{tmp_path / BEST} did not hold the best step 4; restored it from {tmp_path / LAST}"]
+    write(BEST, 2, 2)
+    write(LAST, 6, 4)  # the best step's checkpoint is lost for good
+    with pytest.raises(UnikdError) as error:
+        reconcile()
+    assert str(error.value) == (
+        f"--resume: {tmp_path / BEST} holds step 2, but {tmp_path / LAST} records step 4 as the best; restore "
+        "best.pt, or start a new run"
+    )
+
+
 # ---- one run per directory ---------------------------------------------------------------------------------------
 
 

@@ -13,10 +13,12 @@ consistent when the process is killed at any instant, and metrics that a resume 
 
 The checkpoint set. ``last.pt`` is the state to continue from; its ``metrics`` record ``best_epoch``. When that is
 not ``None``, ``best.pt`` is the checkpoint written at the end of epoch ``best_epoch`` (its ``epoch`` is
-``best_epoch + 1``, its ``run_id`` that of ``last.pt``). ``final.json`` exists only once the run is complete.
+``best_epoch + 1``, its ``run_id`` that of ``last.pt``); a run that evaluates every so many steps (detection) records
+``best_step`` instead, and ``best.pt`` is its checkpoint of that step. ``final.json`` exists only once the run is
+complete.
 Every file is written by ``atomic_write`` (temp file, fsync, rename), so each one is either the old or the new
 version; across files, the order in ``write_checkpoints`` (best.pt before last.pt, the same dict in both) means a
-kill between the two leaves ``best.pt`` one epoch ahead of ``last.pt``, which ``reconcile_checkpoints`` repairs by
+kill between the two leaves ``best.pt`` one evaluation ahead of ``last.pt``, which ``reconcile_checkpoints`` repairs by
 rolling ``last.pt`` forward (nothing is retrained, nothing lost). Any other mismatch is reported, never guessed at.
 """
 
@@ -165,47 +167,66 @@ def write_checkpoints(path: Path, checkpoint: dict, *, is_best: bool) -> None:
 
 
 def reconcile_checkpoints(
-    path: Path, load: Callable[[Path], dict] = lambda file: load_checkpoint(file, RESUME_ENTRIES)
+    path: Path,
+    load: Callable[[Path], dict] = lambda file: load_checkpoint(file, RESUME_ENTRIES),
+    *,
+    unit: str = "epoch",
 ) -> tuple[dict, list[str]]:
     """Check ``path``'s checkpoint set before a resume and repair what a kill between two writes leaves.
 
-    Returns the checkpoint to continue from (``last.pt`` after any repair) and one note per repair made. Raises
-    ``UnikdError`` naming the files when the set is inconsistent in a way no kill of ``write_checkpoints`` produces
-    (a file copied in from another run, a deleted ``best.pt``).
+    ``unit`` says how a run counts its evaluation points, and so which checkpoint ``best.pt`` must be: ``"epoch"``
+    (the classification engine: ``metrics["best_epoch"]``, best.pt written at the end of that epoch) or ``"step"``
+    (the detection engine, which evaluates every so many steps: ``metrics["best_step"]``, best.pt written at that
+    step). ``load`` reads one file (and may refuse it). Returns the checkpoint to continue from (``last.pt`` after any
+    repair) and one note per repair made. Raises ``UnikdError`` naming the files when the set is inconsistent in a
+    way no kill of ``write_checkpoints`` produces (a file copied in from another run, a deleted ``best.pt``).
     """
+    if unit not in ("epoch", "step"):
+        raise ValueError(f"unit: expected 'epoch' or 'step', got {unit!r}")
     last_path, best_path = path / LAST, path / BEST
     notes = []
-    if not last_path.is_file() and best_path.is_file():  # stopped between the two writes of the first epoch
+    if not last_path.is_file() and best_path.is_file():  # stopped between the two writes of the first evaluation
         _copy(best_path, last_path)
         notes.append(f"{last_path} was missing (the run stopped right after writing {best_path}); restored it")
     last = load(last_path)
     best = load(best_path) if best_path.is_file() else None
     if best is not None and best["run_id"] == last["run_id"] and best["step"] > last["step"]:
+        behind = "one epoch" if unit == "epoch" else f"{best['step'] - last['step']} steps"
         _copy(best_path, last_path)
         notes.append(
-            f"{last_path} was one epoch behind {best_path} (the run stopped between writing the two); "
+            f"{last_path} was {behind} behind {best_path} (the run stopped between writing the two); "
             f"continuing from {best_path}"
         )
         last = best
-    best_epoch = last["metrics"]["best_epoch"]
+    recorded_best = last["metrics"][f"best_{unit}"]
     if best is not None and best["run_id"] != last["run_id"]:
         raise UnikdError(
             f"--resume: {best_path} belongs to another run than {last_path} (run ids {best['run_id']} and "
             f"{last['run_id']}); move one of them away"
         )
-    if best_epoch is None:
+    if recorded_best is None:
         return last, notes
-    best_fits = best is not None and not best["mid_epoch"] and best["epoch"] == best_epoch + 1
-    if not best_fits:
-        if last["mid_epoch"] or last["epoch"] != best_epoch + 1:
-            found = "is missing" if best is None else f"holds epoch {best['epoch'] - 1}"
+    if best is None or not _written_at_evaluation(best, recorded_best, unit):
+        if not _written_at_evaluation(last, recorded_best, unit):
+            found = "is missing" if best is None else f"holds {unit} {_point(best, unit)}"
             raise UnikdError(
-                f"--resume: {best_path} {found}, but {last_path} records epoch {best_epoch} as the best; restore "
+                f"--resume: {best_path} {found}, but {last_path} records {unit} {recorded_best} as the best; restore "
                 f"best.pt, or start a new run"
             )
-        _copy(last_path, best_path)  # last.pt is that very epoch's checkpoint
-        notes.append(f"{best_path} did not hold the best epoch {best_epoch}; restored it from {last_path}")
+        _copy(last_path, best_path)  # last.pt is that very evaluation's checkpoint
+        notes.append(f"{best_path} did not hold the best {unit} {recorded_best}; restored it from {last_path}")
     return last, notes
+
+
+def _point(checkpoint: dict, unit: str) -> int:
+    """Where ``checkpoint`` stands: the epoch it ended (its ``epoch`` is the next one), or its step."""
+    return checkpoint["step"] if unit == "step" else checkpoint["epoch"] - 1
+
+
+def _written_at_evaluation(checkpoint: dict, point: int, unit: str) -> bool:
+    """Whether ``checkpoint`` is the one written at evaluation point ``point``: in epochs, at that epoch's end (not by
+    an interrupt inside the next); in steps, any checkpoint of that step (the student is the same)."""
+    return _point(checkpoint, unit) == point and not (unit == "epoch" and checkpoint["mid_epoch"])
 
 
 def trim_metrics(path: Path, step: int, epoch: int) -> int:

@@ -51,13 +51,12 @@ from unikd._checkpoint import (
     load_checkpoint,
     non_finite_state,
     restore_rng_state,
-    save_checkpoint,
 )
 from unikd._distributed import DistInfo, all_reduce, init_distributed, resolve_device
 from unikd._errors import UnikdError
 from unikd._logging import MetricsWriter, console, peak_memory_mb, progress_bar
 from unikd._optim import build_optimizer, build_scheduler
-from unikd._rundir import BEST, FINAL, LAST, METRICS, trim_metrics, write_checkpoints, write_json
+from unikd._rundir import FINAL, LAST, METRICS, reconcile_checkpoints, trim_metrics, write_checkpoints, write_json
 from unikd.config import ScheduleConfig, config_changes
 from unikd.detection.config import (
     DetectionConfig,
@@ -262,15 +261,17 @@ def _set_up(cfg: DetectionConfig, resume: bool, output_dir: Path, dist_info: Dis
 
 def _resume_checkpoint(cfg: DetectionConfig, output_dir: Path, dist_info: DistInfo, device: torch.device) -> dict:
     """``last.pt`` after rank 0 repaired the checkpoint set; raises when the config differs but in safe keys."""
-    error = None
+    error, notes = None, []
     if dist_info.is_main:
         try:
-            checkpoint = _reconcile_checkpoints(output_dir)
+            checkpoint, notes = reconcile_checkpoints(output_dir, _load_resume_checkpoint, unit="step")
         except UnikdError as caught:
             error = caught
     _raise_on_any_rank(error, dist_info, device)  # also waits for rank 0's repair
     if not dist_info.is_main:
         checkpoint = load_checkpoint(output_dir / LAST, RESUME_ENTRIES)
+    for note in notes:
+        console(f"unikd: resume: {note}")
     with warnings.catch_warnings():  # the stored config's own warnings were shown when it was first loaded
         warnings.simplefilter("ignore")
         stored = detection_config_to_dict(detection_config_from_dict(checkpoint["config"], check_files=False))
@@ -286,36 +287,11 @@ def _resume_checkpoint(cfg: DetectionConfig, output_dir: Path, dist_info: DistIn
     return checkpoint
 
 
-def _reconcile_checkpoints(output_dir: Path) -> dict:
-    """``unikd._rundir.reconcile_checkpoints``'s repair, for evaluation points counted in steps: ``write_checkpoints``
-    writes best.pt then last.pt (the same dict), so a kill between them leaves best.pt ahead, and last.pt is rolled
-    forward; a best.pt that is not the step ``last.pt`` records as the best is restored from last.pt when last.pt is
-    that step, and refused otherwise."""
-    last_path, best_path = output_dir / LAST, output_dir / BEST
-    last = load_checkpoint(last_path, RESUME_ENTRIES)
-    if last.get("task") != "detection":
-        raise UnikdError(f"--resume: {last_path} is a classification checkpoint; resume it with 'unikd train --resume'")
-    best = load_checkpoint(best_path, RESUME_ENTRIES) if best_path.is_file() else None
-    if best is not None and best["run_id"] != last["run_id"]:
-        raise UnikdError(
-            f"--resume: {best_path} belongs to another run than {last_path} (run ids {best['run_id']} and "
-            f"{last['run_id']}); move one of them away"
-        )
-    if best is not None and best["step"] > last["step"]:
-        save_checkpoint(best, last_path)
-        console(f"unikd: resume: {last_path} was behind {best_path} (stopped between the two); continuing from it")
-        return best
-    best_step = last["metrics"]["best_step"]
-    if best_step is not None and (best is None or best["step"] != best_step):
-        if last["step"] != best_step:
-            found = "is missing" if best is None else f"holds step {best['step']}"
-            raise UnikdError(
-                f"--resume: {best_path} {found}, but {last_path} records step {best_step} as the best; restore "
-                "best.pt, or start a new run"
-            )
-        save_checkpoint(last, best_path)
-        console(f"unikd: resume: {best_path} did not hold the best step {best_step}; restored it from {last_path}")
-    return last
+def _load_resume_checkpoint(path: Path) -> dict:
+    checkpoint = load_checkpoint(path, RESUME_ENTRIES)
+    if checkpoint.get("task") != "detection":
+        raise UnikdError(f"--resume: {path} is a classification checkpoint; resume it with 'unikd train --resume'")
+    return checkpoint
 
 
 def _restore(run: _Run, checkpoint: dict) -> None:
