@@ -126,3 +126,29 @@ def test_a_yaml_file_without_task_is_taken_for_a_classification_config(tmp_path)
     path.write_text("model:\n  student: cifar/resnet8\n")
     with pytest.raises(ConfigError, match="not a detection config \\(no 'task: detection' line\\)"):
         load_detection_config(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"task: detection\ntrain:\n  batch_size: 2\ntrain:\n  seed: 1\n",
+            "invalid YAML at line 4, column 1: duplicate key 'train'",
+        ),
+        (b"task: detection\noutput_dir: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 31); save it as UTF-8"),
+        (
+            b"- task: detection\n",
+            "expected a mapping of sections (task, data, model, ...), got [{'task': 'detection'}]",
+        ),
+        (b"", "not a detection config (no 'task: detection' line)"),
+    ],
+    ids=["duplicate-key", "not-utf8", "not-a-mapping", "empty"],
+)
+def test_a_detection_config_file_is_read_by_the_classification_configs_reader(tmp_path, content, message):
+    """unikd.config.read_config_file reads both kinds: a key given twice, a file that is not UTF-8 or not a mapping
+    are one-line errors naming the file, and an empty file is a config without its task line."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as error:
+        load_detection_config(path, check_files=False)
+    assert str(error.value).startswith(f"{path}: {message}")

@@ -8,6 +8,11 @@ A config has the sections ``data``, ``model``, ``method``, ``optim``, ``schedule
 starts with the key path, e.g. ``train.epoch: unknown key (did you mean 'train.epochs'?)``. The ``method`` section is
 flat in YAML (``{name: uskd, alpha: 0.1}``) and held as ``MethodConfig(name, params)``; its keys are checked against
 ``unikd.methods.method_defaults(name)`` and the resolved ``params`` hold every hyper-parameter of the method.
+
+The machinery is schema-agnostic and public, for other configs (``unikd.detection.config``): ``read_config_file``
+(safe YAML, one-line errors), ``build_config(schema, raw, overrides, ...)`` (typed sections, overrides, unknown keys
+refused), ``parse_method_section`` (the flat method section against a registry), ``option`` (a field's choices and
+range), ``config_to_dict`` / ``dump_config`` / ``save_config``, and the messages ``unknown_key`` / ``not_one_of``.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import re
 import types
 import typing
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -80,6 +85,8 @@ _STORED_KEYS_FOR_EVAL = {
 # Model keyword arguments a stored config may not pass when a checkpoint is evaluated: they fetch or read files.
 _FETCHING_MODEL_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
 _MAX_SEED = 2**32 - 1  # NumPy's legacy seeding takes 32 bits
+_SECTIONS = "data, model, ..."  # named in the error for a config that is not a mapping
+T = TypeVar("T")
 
 __all__ = [
     "DATASETS",
@@ -93,6 +100,7 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "TrainConfig",
+    "build_config",
     "check_teacher_num_classes",
     "config_changes",
     "config_for_checkpoint",
@@ -102,11 +110,16 @@ __all__ = [
     "dataset_channels",
     "dump_config",
     "load_config",
+    "not_one_of",
+    "option",
+    "parse_method_section",
+    "read_config_file",
     "save_config",
+    "unknown_key",
 ]
 
 
-def _option(
+def option(
     default: Any,
     *,
     choices: Iterable[Any] | None = None,
@@ -121,23 +134,23 @@ def _option(
 
 @dataclass
 class DataConfig:
-    name: str = _option("fashion_mnist", choices=DATASETS)
+    name: str = option("fashion_mnist", choices=DATASETS)
     root: str | None = None  # None: the dataset's default root, see unikd.data.dataset_root
     download: bool = False
-    num_classes: int | None = _option(None, minimum=2)  # None: from the dataset; a mismatch with it is an error
-    img_size: int | None = _option(None, minimum=1)  # None: 32 cifar/fake, 28 mnist-like, 224 imagefolder
-    augment: str = _option("default", choices=("default", "randaugment", "none"))
-    mixup: float = _option(0.0, minimum=0)  # MixUp alpha, 0 = off
-    cutmix: float = _option(0.0, minimum=0)  # CutMix alpha, 0 = off
-    train_subset: int | None = _option(None, minimum=1)  # a fixed random subset of k images (quick runs, demo)
-    val_subset: int | None = _option(None, minimum=1)
-    num_workers: int = _option(2, minimum=0)
+    num_classes: int | None = option(None, minimum=2)  # None: from the dataset; a mismatch with it is an error
+    img_size: int | None = option(None, minimum=1)  # None: 32 cifar/fake, 28 mnist-like, 224 imagefolder
+    augment: str = option("default", choices=("default", "randaugment", "none"))
+    mixup: float = option(0.0, minimum=0)  # MixUp alpha, 0 = off
+    cutmix: float = option(0.0, minimum=0)  # CutMix alpha, 0 = off
+    train_subset: int | None = option(None, minimum=1)  # a fixed random subset of k images (quick runs, demo)
+    val_subset: int | None = option(None, minimum=1)
+    num_workers: int = option(2, minimum=0)
     pin_memory: bool = True  # only effective with CUDA
-    channels: int | None = _option(None, choices=(1, 3))  # None: the dataset's own; 3 repeats a grayscale channel
+    channels: int | None = option(None, choices=(1, 3))  # None: the dataset's own; 3 repeats a grayscale channel
     # imagefolder evaluation: resize the short side to floor(img_size / eval_crop_pct), then centre-crop img_size
     # (224 / 0.875 = 256). "auto" resolves from model.student: bicubic for ViT/DeiT/Swin, else bilinear.
-    eval_interpolation: str = _option("auto", choices=EVAL_INTERPOLATIONS)
-    eval_crop_pct: float = _option(0.875, positive=True, maximum=1)
+    eval_interpolation: str = option("auto", choices=EVAL_INTERPOLATIONS)
+    eval_crop_pct: float = option(0.875, positive=True, maximum=1)
 
 
 @dataclass
@@ -145,14 +158,14 @@ class ModelConfig:
     student: str = "cifar/smallcnn"
     student_kwargs: dict = field(default_factory=dict)  # to create_model; num_classes/in_chans come from the data
     student_checkpoint: str | None = None  # initialise the student from this weights file (fine-tuning)
-    student_format: str = _option("auto", choices=WEIGHT_FORMATS)  # its layout; auto: detected
+    student_format: str = option("auto", choices=WEIGHT_FORMATS)  # its layout; auto: detected
     teacher: str | None = None
     teacher_kwargs: dict = field(default_factory=dict)
     teacher_checkpoint: str | None = None
-    teacher_format: str = _option("auto", choices=WEIGHT_FORMATS)
+    teacher_format: str = option("auto", choices=WEIGHT_FORMATS)
     # eval: the frozen teacher in eval mode (mdistiller, CRD); train: its BatchNorm normalises with batch statistics
     # and updates its running ones, as in cls_KD's ImageNet runs (still frozen: no gradient, no optimizer).
-    teacher_mode: str = _option("eval", choices=("eval", "train"))
+    teacher_mode: str = option("eval", choices=("eval", "train"))
     feature_layer: str | int = "mid"  # the intermediate feature USKD's weak head reads
 
 
@@ -164,47 +177,47 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _option("sgd", choices=("sgd", "adamw"))
-    lr: float = _option(0.1, positive=True)
-    momentum: float = _option(0.9, minimum=0)
+    name: str = option("sgd", choices=("sgd", "adamw"))
+    lr: float = option(0.1, positive=True)
+    momentum: float = option(0.9, minimum=0)
     nesterov: bool = False
-    weight_decay: float = _option(5e-4, minimum=0)
+    weight_decay: float = option(5e-4, minimum=0)
     no_decay_norm_bias: bool = True  # no weight decay on norm/bias/1-d params, position embeddings, cls token
-    clip_grad_norm: float | None = _option(None, positive=True)
+    clip_grad_norm: float | None = option(None, positive=True)
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = _option("cosine", choices=("cosine", "multistep", "step", "constant"))
-    warmup_epochs: float = _option(0.0, minimum=0)
-    warmup_lr_ratio: float = _option(0.1, minimum=0)  # warm-up starts at lr * warmup_lr_ratio
+    name: str = option("cosine", choices=("cosine", "multistep", "step", "constant"))
+    warmup_epochs: float = option(0.0, minimum=0)
+    warmup_lr_ratio: float = option(0.1, minimum=0)  # warm-up starts at lr * warmup_lr_ratio
     milestones: list[int] = field(default_factory=list, metadata={"minimum": 1})  # multistep, in epochs
-    step_size: int = _option(30, minimum=1)  # step, in epochs
-    gamma: float = _option(0.1, positive=True)
-    min_lr: float = _option(0.0, minimum=0)  # cosine floor
+    step_size: int = option(30, minimum=1)  # step, in epochs
+    gamma: float = option(0.1, positive=True)
+    min_lr: float = option(0.0, minimum=0)  # cosine floor
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _option(10, minimum=1)
-    batch_size: int = _option(128, minimum=1)  # global batch, split across DDP ranks
-    eval_batch_size: int = _option(256, minimum=1)
-    amp: str = _option("none", choices=("none", "bf16", "fp16"))
+    epochs: int = option(10, minimum=1)
+    batch_size: int = option(128, minimum=1)  # global batch, split across DDP ranks
+    eval_batch_size: int = option(256, minimum=1)
+    amp: str = option("none", choices=("none", "bf16", "fp16"))
     compile: bool = False
     channels_last: bool = False
-    seed: int = _option(0, minimum=0, maximum=_MAX_SEED)
+    seed: int = option(0, minimum=0, maximum=_MAX_SEED)
     deterministic: bool = False
-    device: str = _option("auto", choices=("auto", "cpu", "cuda"))
-    max_steps_per_epoch: int | None = _option(None, minimum=1)  # cap for quick runs and tests
-    log_every: int = _option(50, minimum=1)  # steps
-    eval_every: int = _option(1, minimum=1)  # epochs
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    max_steps_per_epoch: int | None = option(None, minimum=1)  # cap for quick runs and tests
+    log_every: int = option(50, minimum=1)  # steps
+    eval_every: int = option(1, minimum=1)  # epochs
     tensorboard: bool = True
     progress: bool = True  # progress bars (off in tests and CI)
     nan_check: bool = True
     # The EMA copy of the student a method may take its soft targets from (USKD target_soft_label=ema, Table 15's
     # S2): timm's ModelEmaV3. 0.9998 is timm's train.py default (--model-ema-decay); with ema_warmup the decay
     # starts low, 1 - (1 + step)^(-2/3) (timm's warm-up), so that early soft targets follow the student, up to it.
-    ema_decay: float = _option(0.9998, minimum=0, maximum=1)
+    ema_decay: float = option(0.9998, minimum=0, maximum=1)
     ema_warmup: bool = True
 
 
@@ -225,28 +238,9 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), *
     ``check_files`` also checks that ``model.teacher_checkpoint`` exists (off to re-read a saved config whose files
     may have moved, e.g. to evaluate a checkpoint). Raises ``ConfigError`` with a one-line message.
     """
-    raw: Any = {}
+    raw: dict = {}
     if path is not None:
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except OSError as error:
-            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ConfigError(
-                f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); save it as UTF-8"
-            ) from None
-        try:
-            raw = _load_yaml(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: invalid YAML{_yaml_error_location(error)}") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...), got {_describe(raw)}")
+        raw = read_config_file(path, sections=_SECTIONS)
         if raw.get("task") == "detection":
             raise ConfigError(
                 f"{path}: a detection config (task: detection); run it with unikd detect train (check it with unikd "
@@ -257,41 +251,117 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), *
 
 def config_from_dict(raw: dict, overrides: Iterable[str] = (), *, check_files: bool = True) -> Config:
     """Build a validated ``Config`` from a plain dict (a parsed YAML file, or ``ckpt["config"]``) plus overrides."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"expected a mapping of sections (data, model, ...), got {_describe(raw)}")
-    raw = _deepcopy_plain(raw)
-    for override in overrides:
-        _apply_override(raw, override)
-    cfg = Config(**_convert_fields(Config, raw, path="", skip=("method",)))
-    method = raw.get("method", {})
-    if method is None:
-        method = {}
-    if not isinstance(method, dict):
-        raise ConfigError(f"method: expected a mapping, got {_describe(method)}")
-    cfg.method = _method_config(method)
+    cfg = build_config(Config, raw, overrides, sections=_SECTIONS, method=_method_config)
     _check_model(cfg, check_files=check_files)
     _check_schedule(cfg)
     return cfg
 
 
-def config_to_dict(cfg: Config) -> dict:
-    """The plain-dict form of ``cfg`` (the YAML form: the ``method`` section flat); ``config_from_dict`` inverts it."""
+def config_to_dict(cfg: Any) -> dict:
+    """The plain-dict form of the config ``cfg`` (the YAML form: the ``method`` section flat); ``config_from_dict``
+    (or the schema's own, e.g. ``detection_config_from_dict``) inverts it. Any schema ``build_config`` builds."""
     raw = dataclasses.asdict(cfg)
     method = raw.pop("method")
     raw["method"] = {"name": method["name"], **method["params"]}
-    return {key: raw[key] for key in (f.name for f in dataclasses.fields(Config))}
+    return {key: raw[key] for key in (f.name for f in dataclasses.fields(cfg))}
 
 
-def dump_config(cfg: Config) -> str:
+def dump_config(cfg: Any) -> str:
     """The resolved config as YAML text."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML to ``path`` (parent folders are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_config(cfg))
+
+
+# ---- any schema: the machinery the classification and detection configs share ----------------------------------
+
+
+def read_config_file(path: str | os.PathLike, *, sections: str) -> dict:
+    """The mapping the YAML file ``path`` holds (``{}`` for an empty file), read safely (``yaml.SafeLoader``, a key
+    given twice in one mapping refused). ``sections`` names the expected top-level keys in the error for a file that
+    holds something else (e.g. ``"data, model, ..."``). Every problem is a one-line ``ConfigError`` naming the file:
+    missing, unreadable, not UTF-8, invalid YAML (line and column), not a mapping."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); save it as UTF-8"
+        ) from None
+    try:
+        raw = _load_yaml(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML{_yaml_error_location(error)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections ({sections}), got {_describe(raw)}")
+    return raw
+
+
+def build_config(
+    schema: type[T], raw: Any, overrides: Iterable[str], *, sections: str, method: Callable[[dict], Any]
+) -> T:
+    """The dataclass config ``schema`` from the plain dict ``raw`` plus ``key=value`` overrides, every key checked.
+
+    Each section is a dataclass whose fields' types and ``option`` metadata (choices, ranges) are checked, an unknown
+    key refused with a did-you-mean; the ``method`` section is flat (``{name: nkd, temperature: 1.0}``) and becomes
+    ``method(section)`` (see ``parse_method_section``). ``raw`` is not modified. Checks across sections are the
+    caller's, on the returned config. ``sections`` as in ``read_config_file``.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping of sections ({sections}), got {_describe(raw)}")
+    raw = _deepcopy_plain(raw)
+    for override in overrides:
+        _apply_override(raw, override)
+    cfg = schema(**_convert_fields(schema, raw, path="", skip=("method",)))
+    section = raw.get("method", {})
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"method: expected a mapping, got {_describe(section)}")
+    cfg.method = method(section)
+    return cfg
+
+
+def parse_method_section(
+    raw: dict,
+    *,
+    methods: Iterable[str],
+    default: str,
+    defaults_of: Callable[[str], dict],
+    types_of: Callable[[str], dict],
+) -> tuple[str, dict]:
+    """The method's name and every hyper-parameter of the flat ``method`` section ``raw``: the name one of
+    ``methods`` (``default`` when absent), each other key one of ``defaults_of(name)`` (the rest keep their
+    defaults), each value converted to its type in ``types_of(name)`` (keys without one are kept as given)."""
+    name = raw.get("name", default)
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name: expected str, got {_describe(name)}")
+    methods = tuple(methods)
+    if name not in methods:
+        raise ConfigError(not_one_of("method.name", name, methods))
+    defaults, hints = defaults_of(name), types_of(name)
+    params = dict(defaults)
+    for key, value in raw.items():
+        if key == "name":
+            continue
+        if key not in defaults:
+            message = unknown_key(f"method.{key}", str(key), ["name", *defaults], "method")
+            raise ConfigError(message.replace("unknown key", f"unknown key for method '{name}'", 1))
+        hint = hints.get(key)
+        params[key] = value if hint is None else _convert(value, hint, f"method.{key}")
+    return name, params
 
 
 def check_teacher_num_classes(model_cfg: ModelConfig, num_classes: int) -> None:
@@ -434,7 +504,7 @@ def _convert_fields(cls: type, raw: Any, path: str, skip: tuple[str, ...] = ()) 
     for key, value in raw.items():
         key_path = _join(path, key)
         if key not in fields:
-            raise ConfigError(_unknown_key(key_path, str(key), list(fields), path))
+            raise ConfigError(unknown_key(key_path, str(key), list(fields), path))
         if key in skip:
             continue
         if dataclasses.is_dataclass(hints[key]):
@@ -490,7 +560,7 @@ def _check_value(value: Any, metadata: typing.Mapping, path: str) -> Any:
     choices, minimum, positive = metadata.get("choices"), metadata.get("minimum"), metadata.get("positive")
     maximum = metadata.get("maximum")
     if choices and value is not None and value not in choices:
-        raise ConfigError(_not_one_of(path, value, choices))
+        raise ConfigError(not_one_of(path, value, choices))
     for item in value if isinstance(value, list) else [value]:
         if minimum is not None and item is not None and item < minimum:
             raise ConfigError(f"{path}: must be >= {minimum}, got {item!r}")
@@ -509,21 +579,9 @@ def _method_config(raw: dict) -> MethodConfig:
     """
     from unikd.methods import METHODS, check_hyperparameters, hyperparameter_types, method_defaults  # imports torch
 
-    name = raw.get("name", MethodConfig.name)
-    if not isinstance(name, str):
-        raise ConfigError(f"method.name: expected str, got {_describe(name)}")
-    if name not in METHODS:
-        raise ConfigError(_not_one_of("method.name", name, METHODS))
-    defaults, hints = method_defaults(name), hyperparameter_types(name)
-    params = dict(defaults)
-    for key, value in raw.items():
-        if key == "name":
-            continue
-        if key not in defaults:
-            message = _unknown_key(f"method.{key}", str(key), ["name", *defaults], "method")
-            raise ConfigError(message.replace("unknown key", f"unknown key for method '{name}'", 1))
-        hint = hints.get(key)
-        params[key] = value if hint is None else _convert(value, hint, f"method.{key}")
+    name, params = parse_method_section(
+        raw, methods=METHODS, default=MethodConfig.name, defaults_of=method_defaults, types_of=hyperparameter_types
+    )
     check_hyperparameters(name, params)
     return MethodConfig(name=name, params=params)
 
@@ -733,14 +791,17 @@ def _apply_override(raw: dict, override: str) -> None:
 # ---- messages ---------------------------------------------------------------------------------------------------
 
 
-def _unknown_key(key_path: str, key: str, valid: list[str], parent: str) -> str:
+def unknown_key(key_path: str, key: str, valid: list[str], parent: str) -> str:
+    """The message for the unknown key ``key`` at ``key_path`` (under ``parent``): a did-you-mean when one of
+    ``valid`` is close, else the valid keys."""
     close = _closest(key, valid)
     if close:
         return f"{key_path}: unknown key (did you mean '{_join(parent, close)}'?)"
     return f"{key_path}: unknown key (valid keys: {', '.join(sorted(valid))})"
 
 
-def _not_one_of(path: str, value: Any, choices: Iterable[Any]) -> str:
+def not_one_of(path: str, value: Any, choices: Iterable[Any]) -> str:
+    """The message for ``value`` at ``path`` not being one of ``choices``, with a did-you-mean when one is close."""
     choices = sorted(choices, key=str)
     message = f"{path}: {value!r} is not one of {', '.join(map(str, choices))}"
     close = _closest(str(value), choices)

@@ -3,17 +3,17 @@
     cfg = load_detection_config("configs/detection/mosaics_nkd.yaml", ["train.batch_size=4"])
     print(dump_detection_config(cfg))
 
-The same machinery as ``unikd.config`` (its converters, override parser and did-you-mean messages), other sections:
-``task`` (always ``detection``: a detection config says so on its first line, which is how ``unikd detect`` tells a
-classification config apart), ``data`` (COCO-format images + instances JSON), ``model`` (``student`` and ``teacher``
-detectors), ``method`` (the distillation term on the R-CNN box classifier, flat like the classification
-``method``), ``optim``, ``schedule`` (MMDetection's step schedules, in epochs or iterations), ``train`` and
-``output_dir``. Errors are one-line ``ConfigError``s that start with the key path.
+The same machinery as ``unikd.config`` (``read_config_file``, ``build_config``, ``parse_method_section``,
+``option``: safe YAML, typed sections, overrides, did-you-mean messages), other sections: ``task`` (always
+``detection``: a detection config says so on its first line, which is how ``unikd detect`` tells a classification
+config apart), ``data`` (COCO-format images + instances JSON), ``model`` (``student`` and ``teacher`` detectors),
+``method`` (the distillation term on the R-CNN box classifier, flat like the classification ``method``), ``optim``,
+``schedule`` (MMDetection's step schedules, in epochs or iterations), ``train`` and ``output_dir``. Errors are
+one-line ``ConfigError``s that start with the key path.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import itertools
 import os
@@ -21,29 +21,25 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from unikd._errors import ConfigError
-
-# Private helpers of unikd.config, used until it offers a public entry point for other schemas.
 from unikd.config import (
     MODEL_PREFIXES,
     OptimConfig,
-    _apply_override,
-    _convert,
-    _convert_fields,
-    _deepcopy_plain,
-    _describe,
-    _not_one_of,
-    _option,
-    _unknown_key,
-    _yaml_error_location,
+    build_config,
+    config_to_dict,
+    dump_config,
+    not_one_of,
+    option,
+    parse_method_section,
+    read_config_file,
+    save_config,
+    unknown_key,
 )
 from unikd.detection.distill import DISTILLATION_METHODS, method_defaults
 
 TASK = "detection"
+_SECTIONS = "task, data, model, ..."  # named in the error for a config that is not a mapping
 DETECTOR_ARCHS = ("faster_rcnn", "mask_rcnn")
 # Arguments of torchvision's FasterRCNN/MaskRCNN that the factory sets itself (from the keys of DetectorConfig), or
 # that take modules, which a YAML file cannot give.
@@ -95,28 +91,28 @@ class DetectionDataConfig:
     # Shorter image side after resizing (torchvision's GeneralizedRCNNTransform); several values: one is drawn per
     # training batch (multi-scale training), evaluation uses the last. Longer side capped at max_size.
     min_size: list[int] = field(default_factory=lambda: [800], metadata={"minimum": 1})
-    max_size: int = _option(1333, minimum=1)
-    hflip: float = _option(0.5, minimum=0)  # probability of a horizontal flip (boxes and masks flip with the image)
+    max_size: int = option(1333, minimum=1)
+    hflip: float = option(0.5, minimum=0)  # probability of a horizontal flip (boxes and masks flip with the image)
     image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, images scaled to [0, 1]
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225], metadata={"positive": True})
     # Boxes that are empty or have no area inside their image: drop them (counted in a warning) or stop with an error.
-    invalid_boxes: str = _option("drop", choices=("drop", "error"))
-    train_subset: int | None = _option(None, minimum=1)  # a fixed random subset of k images (quick runs, tests)
-    val_subset: int | None = _option(None, minimum=1)
-    num_workers: int = _option(2, minimum=0)
+    invalid_boxes: str = option("drop", choices=("drop", "error"))
+    train_subset: int | None = option(None, minimum=1)  # a fixed random subset of k images (quick runs, tests)
+    val_subset: int | None = option(None, minimum=1)
+    num_workers: int = option(2, minimum=0)
     pin_memory: bool = True  # only effective with CUDA
 
 
 @dataclass
 class DetectorConfig:
-    arch: str = _option("faster_rcnn", choices=DETECTOR_ARCHS)
+    arch: str = option("faster_rcnn", choices=DETECTOR_ARCHS)
     backbone: str = "tv/resnet50"  # a ResNet of unikd.models: tv/resnet18/34/50/101, timm/resnet*, ...
     backbone_kwargs: dict = field(default_factory=dict)  # to unikd.models.create_model (e.g. timm's channels=...)
     backbone_weights: str | None = None  # any weights file unikd.models reads; None: random initialisation
-    trainable_backbone_layers: int | None = _option(None, minimum=0)  # 0-5; None: 3 with weights, else 5
+    trainable_backbone_layers: int | None = option(None, minimum=0)  # 0-5; None: 3 with weights, else 5
     freeze_bn: bool | None = None  # FrozenBatchNorm2d in the backbone; None: with backbone_weights
-    fpn_channels: int = _option(256, minimum=1)
-    representation_size: int = _option(1024, minimum=1)  # width of the box head's two fully connected layers
+    fpn_channels: int = option(256, minimum=1)
+    representation_size: int = option(1024, minimum=1)  # width of the box head's two fully connected layers
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512], metadata={"minimum": 1})
     detector_kwargs: dict = field(default_factory=dict)  # more arguments of torchvision's FasterRCNN / MaskRCNN
 
@@ -145,32 +141,32 @@ class DetectionMethodConfig:
 @dataclass
 class DetectionOptimConfig(OptimConfig):
     # MMDetection's Faster/Mask R-CNN recipe: SGD lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4 everywhere.
-    lr: float = _option(0.02, positive=True)
-    weight_decay: float = _option(1e-4, minimum=0)
+    lr: float = option(0.02, positive=True)
+    weight_decay: float = option(1e-4, minimum=0)
     no_decay_norm_bias: bool = False
 
 
 @dataclass
 class DetectionScheduleConfig:
-    unit: str = _option("epoch", choices=("epoch", "iter"))  # the unit of length, milestones and train.eval_every
-    length: int = _option(12, minimum=1)  # training length (MMDetection 1x: 12 epochs; 2x: 24)
+    unit: str = option("epoch", choices=("epoch", "iter"))  # the unit of length, milestones and train.eval_every
+    length: int = option(12, minimum=1)  # training length (MMDetection 1x: 12 epochs; 2x: 24)
     milestones: list[int] = field(default_factory=lambda: [8, 11], metadata={"minimum": 1})  # lr *= gamma at each
-    gamma: float = _option(0.1, positive=True)
-    warmup_iters: int = _option(500, minimum=0)  # linear warm-up, in iterations whatever the unit (MMDetection's)
-    warmup_ratio: float = _option(0.001, minimum=0)  # warm-up starts at lr * warmup_ratio
+    gamma: float = option(0.1, positive=True)
+    warmup_iters: int = option(500, minimum=0)  # linear warm-up, in iterations whatever the unit (MMDetection's)
+    warmup_ratio: float = option(0.001, minimum=0)  # warm-up starts at lr * warmup_ratio
 
 
 @dataclass
 class DetectionTrainConfig:
-    batch_size: int = _option(16, minimum=1)  # global batch (images), split across DDP ranks
-    eval_batch_size: int = _option(8, minimum=1)
-    amp: str = _option("none", choices=("none", "bf16", "fp16"))
+    batch_size: int = option(16, minimum=1)  # global batch (images), split across DDP ranks
+    eval_batch_size: int = option(8, minimum=1)
+    amp: str = option("none", choices=("none", "bf16", "fp16"))
     seed: int = 0
     deterministic: bool = False
-    device: str = _option("auto", choices=("auto", "cpu", "cuda"))
-    max_steps_per_epoch: int | None = _option(None, minimum=1)  # cap for quick runs and tests
-    log_every: int = _option(50, minimum=1)  # steps
-    eval_every: int = _option(1, minimum=1)  # in schedule.unit: evaluate, then write last.pt (and best.pt)
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    max_steps_per_epoch: int | None = option(None, minimum=1)  # cap for quick runs and tests
+    log_every: int = option(50, minimum=1)  # steps
+    eval_every: int = option(1, minimum=1)  # in schedule.unit: evaluate, then write last.pt (and best.pt)
     tensorboard: bool = True
     progress: bool = True
     nan_check: bool = True
@@ -178,7 +174,7 @@ class DetectionTrainConfig:
 
 @dataclass
 class DetectionConfig:
-    task: str = _option(TASK, choices=(TASK,))
+    task: str = option(TASK, choices=(TASK,))
     data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     model: DetectionModelConfig = field(default_factory=DetectionModelConfig)
     method: DetectionMethodConfig = field(default_factory=DetectionMethodConfig)
@@ -196,20 +192,9 @@ def load_detection_config(
     ``check_files`` also checks that the data files and the weights files named in the config exist (off to re-read
     a saved config whose files may have moved). Raises ``ConfigError`` with a one-line message.
     """
-    raw: Any = {"task": TASK}
+    raw: dict = {"task": TASK}
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except OSError as error:
-            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: invalid YAML{_yaml_error_location(error)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (task, data, model, ...), got {_describe(raw)}")
+        raw = read_config_file(path, sections=_SECTIONS)
         if "task" not in raw:
             raise ConfigError(
                 f"{path}: not a detection config (no 'task: detection' line); classification configs run with "
@@ -222,40 +207,18 @@ def detection_config_from_dict(
     raw: dict, overrides: Iterable[str] = (), *, check_files: bool = True
 ) -> DetectionConfig:
     """Build a validated ``DetectionConfig`` from a plain dict (parsed YAML, or ``checkpoint["config"]``)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"expected a mapping of sections (task, data, model, ...), got {_describe(raw)}")
-    raw = _deepcopy_plain(raw)
-    for override in overrides:
-        _apply_override(raw, override)
-    cfg = DetectionConfig(**_convert_fields(DetectionConfig, raw, path="", skip=("method",)))
-    method = raw.get("method") or {}
-    if not isinstance(method, dict):
-        raise ConfigError(f"method: expected a mapping, got {_describe(method)}")
-    cfg.method = _method_config(method)
+    cfg = build_config(DetectionConfig, raw, overrides, sections=_SECTIONS, method=_method_config)
     _check_data(cfg, check_files=check_files)
     _check_model(cfg, check_files=check_files)
     _check_schedule(cfg)
     return cfg
 
 
-def detection_config_to_dict(cfg: DetectionConfig) -> dict:
-    """The plain-dict (YAML) form of ``cfg``, ``method`` flat; ``detection_config_from_dict`` inverts it."""
-    raw = dataclasses.asdict(cfg)
-    method = raw.pop("method")
-    raw["method"] = {"name": method["name"], **method["params"]}
-    return {key: raw[key] for key in (f.name for f in dataclasses.fields(DetectionConfig))}
-
-
-def dump_detection_config(cfg: DetectionConfig) -> str:
-    """The resolved config as YAML text."""
-    return yaml.safe_dump(detection_config_to_dict(cfg), sort_keys=False)
-
-
-def save_detection_config(cfg: DetectionConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML to ``path`` (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_detection_config(cfg))
+# The plain-dict (YAML) form, ``method`` flat (``detection_config_from_dict`` inverts it), as YAML text, as a file:
+# unikd.config's, which serve any schema.
+detection_config_to_dict = config_to_dict
+dump_detection_config = dump_config
+save_detection_config = save_config
 
 
 def resolve_path(data_cfg: DetectionDataConfig, relative: str) -> Path:
@@ -267,22 +230,15 @@ def resolve_path(data_cfg: DetectionDataConfig, relative: str) -> Path:
 
 
 def _method_config(raw: dict) -> DetectionMethodConfig:
-    name = raw.get("name", DetectionMethodConfig.name)
-    if not isinstance(name, str):
-        raise ConfigError(f"method.name: expected str, got {_describe(name)}")
-    if name not in DISTILLATION_METHODS:
-        raise ConfigError(_not_one_of("method.name", name, DISTILLATION_METHODS))
-    defaults = method_defaults(name)
-    params = dict(defaults)
-    for key, value in raw.items():
-        if key == "name":
-            continue
-        if key not in defaults:
-            message = _unknown_key(f"method.{key}", str(key), ["name", *defaults], "method")
-            raise ConfigError(message.replace("unknown key", f"unknown key for method '{name}'", 1))
-        params[key] = _convert(value, type(defaults[key]), f"method.{key}")
+    name, params = parse_method_section(
+        raw,
+        methods=DISTILLATION_METHODS,
+        default=DetectionMethodConfig.name,
+        defaults_of=method_defaults,
+        types_of=lambda name: {key: type(value) for key, value in method_defaults(name).items()},
+    )
     if params.get("rois", "all") not in ("all", "foreground"):
-        raise ConfigError(_not_one_of("method.rois", params["rois"], ("all", "foreground")))
+        raise ConfigError(not_one_of("method.rois", params["rois"], ("all", "foreground")))
     return DetectionMethodConfig(name=name, params=params)
 
 
@@ -318,7 +274,7 @@ def _check_model(cfg: DetectionConfig, *, check_files: bool) -> None:
         detector = getattr(cfg.model, role)
         key = f"model.{role}"
         if detector.arch is not None and detector.arch not in DETECTOR_ARCHS:
-            raise ConfigError(_not_one_of(f"{key}.arch", detector.arch, DETECTOR_ARCHS))
+            raise ConfigError(not_one_of(f"{key}.arch", detector.arch, DETECTOR_ARCHS))
         if detector.backbone is not None and not detector.backbone.startswith(MODEL_PREFIXES):
             raise ConfigError(
                 f"{key}.backbone: '{detector.backbone}' must start with {', '.join(MODEL_PREFIXES)} "
@@ -359,7 +315,7 @@ def _check_detector_kwargs(detector: DetectorConfig, key: str) -> None:
     valid = [name for name in valid if name not in _FACTORY_SET_KWARGS]
     for name in detector.detector_kwargs:
         if name not in valid:
-            message = _unknown_key(f"{key}.detector_kwargs.{name}", str(name), valid, f"{key}.detector_kwargs")
+            message = unknown_key(f"{key}.detector_kwargs.{name}", str(name), valid, f"{key}.detector_kwargs")
             raise ConfigError(
                 message.replace("unknown key", f"not an argument of torchvision's {constructor.__name__}")
             )
