@@ -3,7 +3,9 @@
 
 ``train`` reads as four phases: ``_set_up`` (run directory, resume checks, data, models, optimizer), then per epoch
 ``_train_epoch`` (each step one ``_train_step``) and ``_end_epoch`` (finiteness check, evaluation, checkpoints),
-then ``_finish`` (``final.json``). It prints a header and one line per epoch, and writes into ``cfg.output_dir``::
+then ``_finish`` (``final.json``); the helpers it shares with the detection engine (run directory, seeding, the
+graceful stop, loaders, the per-step checks, resume checks) are ``unikd._engine``'s. It prints a header and one line
+per epoch, and writes into ``cfg.output_dir``::
 
     config.yaml     the resolved config (rewritten when a resume changes a key that may change)
     metrics.jsonl   one line per logged train step, per evaluation and per resume (see unikd._logging)
@@ -49,21 +51,12 @@ multi-GPU code), so N ranks match one process only for BatchNorm-free models and
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
 import os
-import random
-import signal
-import sys
-import threading
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -71,13 +64,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader
 
 from unikd._checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    RESUME_ENTRIES,
     capture_rng_state,
     load_checkpoint,
     load_student_weights,
@@ -85,20 +76,38 @@ from unikd._checkpoint import (
     restore_rng_state,
 )
 from unikd._distributed import DistInfo, all_reduce, init_distributed, resolve_device
+from unikd._engine import (
+    AMP_DTYPES,
+    EpochSampler,
+    StopRequest,
+    check_resume_config,
+    check_run_settings,
+    check_step,
+    determinism,
+    evaluation_loader,
+    graceful_stop,
+    log_train_window,
+    non_finite_loss_message,
+    non_finite_state_message,
+    on_main_rank,
+    optimizer_step,
+    raise_for_signal,
+    resume_checkpoint,
+    run_directory,
+    seed_everything,
+    stop_data_workers,
+    training_loader,
+    wrap_ddp,
+)
 from unikd._errors import DataError, UnikdError
 from unikd._logging import MetricsWriter, console, peak_memory_mb, progress_bar
 from unikd._optim import build_optimizer, build_scheduler
 from unikd._rundir import (
-    BEST,
     CONFIG,
     FINAL,
     LAST,
     METRICS,
     check_writable,
-    lock_run_directory,
-    prepare_output_dir,
-    reconcile_checkpoints,
-    remove_temp_files,
     trim_metrics,
     write_checkpoints,
     write_json,
@@ -108,7 +117,6 @@ from unikd.config import (
     SAFE_TO_CHANGE_ON_RESUME,
     Config,
     check_teacher_num_classes,
-    config_changes,
     config_for_checkpoint,
     config_for_weights,
     config_from_dict,
@@ -129,8 +137,9 @@ __all__ = [
     "train",
 ]
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-T = TypeVar("T")
+# What a non-finite loss or model state advises (the detection engine's advice adds its warm-up).
+_LOSS_ADVICE = "Lower optim.lr, set optim.clip_grad_norm, or use train.amp=bf16 instead of fp16"
+_STATE_ADVICE = "Lower optim.lr, set optim.clip_grad_norm, or check the data for huge values"
 
 
 class TrainableModules(nn.Module):
@@ -162,7 +171,7 @@ class _Run:
     output_dir: Path
     bundle: DataBundle
     train_loader: DataLoader
-    train_sampler: _EpochSampler
+    train_sampler: EpochSampler
     val_loader: DataLoader
     steps_per_epoch: int
     student: nn.Module
@@ -216,9 +225,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     dist_info, device, owns_process_group = init_distributed(cfg.train.device)
     try:
         with (
-            _determinism(cfg.train.deterministic),
-            _graceful_stop() as stop,
-            _run_directory(cfg, resume, dist_info, device) as output_dir,
+            determinism(cfg.train.deterministic),
+            graceful_stop() as stop,
+            run_directory(cfg.output_dir, resume, dist_info, device) as output_dir,
         ):
             run = _set_up(cfg, resume, output_dir, dist_info, device)
             try:
@@ -229,7 +238,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                         _end_epoch(run, epoch, stats)
                 return _finish(run)
             finally:
-                _stop_data_workers(run.train_loader, run.val_loader)
+                stop_data_workers(run.train_loader, run.val_loader)
     finally:
         if owns_process_group:
             dist.destroy_process_group()
@@ -238,47 +247,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 # ---- phase 1: set-up ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _run_directory(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device) -> Iterator[Path]:
-    """Rank 0 creates, locks and checks ``output_dir`` for the whole run; every rank learns whether that worked."""
-    with contextlib.ExitStack() as stack:
-
-        def claim() -> None:
-            output_dir = prepare_output_dir(cfg.output_dir)
-            stack.enter_context(lock_run_directory(output_dir))
-            remove_temp_files(output_dir)
-            _check_run_kind(output_dir, resume)
-            check_writable(output_dir)
-
-        _on_main_rank(claim, dist_info, device)
-        yield Path(cfg.output_dir)
-
-
-def _check_run_kind(output_dir: Path, resume: bool) -> None:
-    found = [output_dir / name for name in (LAST, BEST) if (output_dir / name).is_file()]
-    if resume and not found:
-        raise UnikdError(
-            f"--resume: no checkpoint {output_dir / LAST} to resume from; run without --resume to start a new run there"
-        )
-    if not resume and found:
-        raise UnikdError(
-            f"output_dir {output_dir} already holds a run ({found[0]}); pass --resume to continue it, "
-            "or choose another output_dir"
-        )
-
-
 def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, device: torch.device) -> _Run:
     """Everything before the first step: checks that need no data first, then data, models, optimizer, state."""
-    if cfg.train.amp == "fp16" and device.type != "cuda":
-        raise UnikdError("train.amp: 'fp16' needs CUDA (its GradScaler); on CPU use train.amp=bf16 or none")
-    world = dist_info.world_size
-    if cfg.train.batch_size % world:
-        raise UnikdError(
-            f"train.batch_size: {cfg.train.batch_size} does not split over {world} processes; use a multiple of {world}"
-        )
+    check_run_settings(cfg.train, device, dist_info.world_size)
     checkpoint, safe_changes = _resume_checkpoint(cfg, output_dir, dist_info, device) if resume else (None, {})
 
-    _seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     bundle = build_datasets(cfg.data)
     check_teacher_num_classes(cfg.model, bundle.num_classes)
     if checkpoint is not None:
@@ -294,7 +268,7 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
 
     # Seed again right before the student so its initialisation depends on the seed only (not on the data
     # pipeline, not on the method built after it): paired runs across methods start from the same weights.
-    _seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     models = _build_models(cfg, bundle, device, initialise=checkpoint is None)
     student, method = models.student, models.method
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -305,7 +279,7 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
         ema = ModelEmaV3(student, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
     optimizer = build_optimizer(trainable, cfg.optim)
     needed = _checkpoint_bytes(trainable, cfg.optim, ema)
-    _on_main_rank(lambda: check_writable(output_dir, needed), dist_info, device)
+    on_main_rank(lambda: check_writable(output_dir, needed), dist_info, device)
     run = _Run(
         cfg=cfg, dist=dist_info, device=device, output_dir=output_dir, bundle=bundle, train_loader=train_loader,
         train_sampler=train_sampler, val_loader=val_loader, steps_per_epoch=steps_per_epoch, student=student,
@@ -323,7 +297,7 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
 
     # Training randomness (dropout, augmentations drawn in this process) starts from the seed after everything is
     # built, so it too is the same across methods; each rank gets its own stream. A resume restores it instead.
-    _seed_everything(cfg.train.seed + dist_info.rank)
+    seed_everything(cfg.train.seed + dist_info.rank)
     if checkpoint is not None:
         restore_rng_state(checkpoint["rng"])
     return run
@@ -337,23 +311,10 @@ def _resume_checkpoint(
     Raises ``UnikdError`` listing the differing keys when the config differs elsewhere from the one stored in the
     checkpoint (the config the run was trained with).
     """
-    repaired = _on_main_rank(lambda: reconcile_checkpoints(output_dir), dist_info, device)
-    checkpoint, notes = repaired or (load_checkpoint(output_dir / LAST, RESUME_ENTRIES), [])  # after rank 0's repair
-    for note in notes:
-        console(f"unikd: resume: {note}")
-
-    with warnings.catch_warnings():  # the stored config's own warnings were shown when it was first loaded
-        warnings.simplefilter("ignore")
-        stored = config_to_dict(config_from_dict(checkpoint["config"], check_files=False))
-    changes = config_changes(stored, config_to_dict(cfg))
-    refused = {key: change for key, change in changes.items() if key not in SAFE_TO_CHANGE_ON_RESUME}
-    if refused:
-        listing = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
-        raise UnikdError(
-            f"--resume: the config differs from the one {output_dir / LAST} was trained with: {listing}. Only "
-            f"{', '.join(SAFE_TO_CHANGE_ON_RESUME)} may change on resume; resume with the run's config "
-            f"({output_dir / CONFIG}), or start a new run in another output_dir"
-        )
+    checkpoint = resume_checkpoint(output_dir, dist_info, device)
+    changes = check_resume_config(
+        checkpoint["config"], cfg, from_dict=config_from_dict, safe=SAFE_TO_CHANGE_ON_RESUME, output_dir=output_dir
+    )
     epochs_needed = checkpoint["epoch"] + checkpoint["mid_epoch"]  # the epochs done, and the one in progress
     if cfg.train.epochs < epochs_needed:
         raise UnikdError(
@@ -464,8 +425,7 @@ def _restore(run: _Run, checkpoint: dict) -> None:
 
 def _wrap_model(run: _Run, trainable: TrainableModules) -> None:
     if run.dist.is_distributed:
-        device_ids = [run.device.index] if run.device.type == "cuda" else None
-        run.model = DistributedDataParallel(trainable, device_ids=device_ids)
+        run.model = wrap_ddp(trainable, run.device)
     if run.cfg.train.compile:
         run.model, run.eval_model = torch.compile(run.model), torch.compile(run.student)
 
@@ -483,7 +443,7 @@ def _open_logs(run: _Run) -> None:
         if resumed and run.start_epoch < cfg.train.epochs:
             (output_dir / FINAL).unlink(missing_ok=True)  # the run goes on: that result no longer describes it
 
-    _on_main_rank(write_run_files, run.dist, run.device)
+    on_main_rank(write_run_files, run.dist, run.device)
     run.writer = MetricsWriter(
         output_dir, enabled=run.dist.is_main, tensorboard=cfg.train.tensorboard, purge_step=run.step + 1
     )
@@ -525,7 +485,7 @@ def _print_header(run: _Run, resumed: bool) -> None:
 # ---- phase 2: one epoch, one step --------------------------------------------------------------------------------
 
 
-def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> _EpochStats:
+def _train_epoch(run: _Run, epoch: int, stop: StopRequest) -> _EpochStats:
     """Train epoch ``epoch`` from where the run stands (mid-epoch after a resume), logging every ``log_every`` steps.
 
     Stops the run after the current step on SIGINT/SIGTERM, and before a batch with an unreadable image, saving a
@@ -562,13 +522,15 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> _EpochStats:
         loss_sum += sum(terms.values()).detach().float()
         window_steps, steps = window_steps + 1, steps + 1
         if run.step % cfg.train.log_every == 0 or batch_index == steps_per_epoch - 1:
-            elapsed = time.perf_counter() - window_start
-            _log_train_window(run, epoch, lr, window, window_steps, elapsed, bar)
+            log_train_window(
+                run.writer, bar, window, steps=window_steps, seconds=time.perf_counter() - window_start,
+                step=run.step, epoch=epoch, lr=lr, batch_size=cfg.train.batch_size, world_size=run.dist.world_size,
+            )  # fmt: skip
             window, window_steps, window_start = {}, 0, time.perf_counter()
         if stop_requested:
             bar.close()
             _save_mid_epoch(run, epoch, time_before + time.perf_counter() - epoch_start)
-            _raise_for_signal(stop.signum, run.output_dir / LAST, run.dist.is_main)
+            raise_for_signal(stop.signum, run.output_dir / LAST, run.dist.is_main)
     bar.close()
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
@@ -576,7 +538,7 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> _EpochStats:
 
 
 def _train_step(
-    run: _Run, images: torch.Tensor, target: torch.Tensor, progress: float, stop: _StopRequest
+    run: _Run, images: torch.Tensor, target: torch.Tensor, progress: float, stop: StopRequest
 ) -> tuple[dict[str, torch.Tensor], float, bool]:
     """One optimizer step; returns the loss terms, the learning rate it used, and whether to stop after it.
 
@@ -593,13 +555,12 @@ def _train_step(
                 teacher_logits = source(images).float()
         terms = run.model(images, target, teacher_logits, progress)
     loss = sum(terms.values())
-    stop_requested = stop.signum is not None
-    if run.cfg.train.nan_check or run.dist.is_distributed:
-        flags = torch.stack([~torch.isfinite(loss.detach()), torch.tensor(stop_requested, device=run.device)])
-        flags = all_reduce(flags.float(), op="max").tolist()
-        if run.cfg.train.nan_check and flags[0]:
-            raise UnikdError(_non_finite_loss_message(terms, run.step + 1, int(progress), run.output_dir / LAST))
-        stop_requested = bool(flags[1])
+    non_finite, stop_requested = check_step(
+        loss, stop, nan_check=run.cfg.train.nan_check, dist_info=run.dist, device=run.device
+    )
+    if non_finite:
+        last = run.output_dir / LAST
+        raise UnikdError(non_finite_loss_message(terms, run.step + 1, int(progress), last, _LOSS_ADVICE))
     lr = run.optimizer.param_groups[0]["lr"]
     optimizer_step(loss, run.optimizer, run.scaler, run.trainable_params, run.cfg.optim.clip_grad_norm)
     run.scheduler.step()
@@ -607,19 +568,6 @@ def _train_step(
     if run.ema is not None:  # every rank: its student is the same after a DDP step (BatchNorm buffers: per rank)
         run.ema.update(run.student, step=run.step)
     return terms, lr, stop_requested
-
-
-def _log_train_window(
-    run: _Run, epoch: int, lr: float, window: dict[str, torch.Tensor], steps: int, seconds: float, bar
-) -> None:
-    """One train record: each term averaged over the window's steps and over the ranks."""
-    names = [*window, "loss"]
-    means = (all_reduce(torch.stack([*window.values(), sum(window.values())])) / (run.dist.world_size * steps)).tolist()
-    images_per_s = steps * run.cfg.train.batch_size / seconds
-    record = {"split": "train", "step": run.step, "epoch": epoch, "lr": lr, **dict(zip(names, means))}
-    record["images_per_s"] = images_per_s
-    run.writer.write(record)
-    bar.set_postfix({**dict(zip(names, means)), "lr": lr, "img/s": images_per_s}, refresh=False)
 
 
 def _save_mid_epoch(run: _Run, epoch: int, train_time_s: float) -> None:
@@ -708,13 +656,8 @@ def _check_finite_state(run: _Run, when: str) -> None:
         all_reduce(flag, op="max")
     if not flag.item():
         return
-    names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else "on another rank"
-    last = run.output_dir / LAST
-    kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
-    raise UnikdError(
-        f"non-finite model state {when} (step {run.step}): {names}; not saved, {kept}. Lower optim.lr, set "
-        "optim.clip_grad_norm, or check the data for huge values"
-    )
+    where = f"{when} (step {run.step})"
+    raise UnikdError(non_finite_state_message(bad, where, run.output_dir / LAST, _STATE_ADVICE))
 
 
 # ---- phase 4: done -----------------------------------------------------------------------------------------------
@@ -738,23 +681,6 @@ def _finish(run: _Run) -> dict:
 
 
 # ---- public helpers ----------------------------------------------------------------------------------------------
-
-
-def optimizer_step(
-    loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    parameters: list[torch.nn.Parameter],
-    clip_grad_norm: float | None = None,
-) -> None:
-    """Backward, optional gradient-norm clipping (on unscaled gradients), optimizer step, scaler update."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip_grad_norm is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
 
 
 @torch.no_grad()
@@ -852,7 +778,7 @@ def _evaluate_on(model: nn.Module, cfg: Config, bundle: DataBundle) -> dict:
     try:
         scores = evaluate(model.to(device), loader, device, amp_dtype=AMP_DTYPES[cfg.train.amp])
     finally:
-        _stop_data_workers(loader)
+        stop_data_workers(loader)
     return {**scores, "split": "val", "images": len(bundle.val), "dataset": cfg.data.name}
 
 
@@ -867,177 +793,16 @@ def _eval_transform(cfg: Config) -> str:
 # ---- helpers -----------------------------------------------------------------------------------------------------
 
 
-def _on_main_rank(check: Callable[[], T], dist_info: DistInfo, device: torch.device) -> T | None:
-    """Run ``check`` on rank 0 only (the rank that owns the files) and return its result; when it raises a
-    ``UnikdError``, every rank raises one, instead of the others waiting forever. A collective: every rank calls it."""
-    result, error = None, None
-    if dist_info.is_main:
-        try:
-            result = check()
-        except UnikdError as caught:
-            error = caught
-    _raise_on_any_rank(error, dist_info, device)
-    return result
-
-
-def _raise_on_any_rank(error: UnikdError | None, dist_info: DistInfo, device: torch.device) -> None:
-    """Raise ``error`` here, and a short error on every other rank, when any rank has one (a collective: all call)."""
-    if dist_info.is_distributed:
-        failed = all_reduce(torch.tensor(float(error is not None), device=device), op="max").item()
-        if failed and error is None:
-            raise UnikdError("another process of this job failed while setting up; see rank 0's message")
-    if error is not None:
-        raise error
-
-
-class _EpochSampler(DistributedSampler):
-    """``DistributedSampler`` (order = f(seed, epoch), this rank's share) that can start ``start`` indices in.
-
-    Setting ``start`` replays a resumed epoch's order without loading, or drawing random numbers for, the batches
-    already trained on. With one process it is an ordinary seeded shuffle.
-    """
-
-    start: int = 0
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self) -> int:
-        return super().__len__() - self.start
-
-
 def _train_loader(
     cfg: Config, dataset, num_classes: int, dist_info: DistInfo, device: torch.device
-) -> tuple[DataLoader, _EpochSampler]:
-    sampler = _EpochSampler(
-        dataset,
-        num_replicas=dist_info.world_size,
-        rank=dist_info.rank,
-        shuffle=True,
-        seed=cfg.train.seed,
-        drop_last=True,
-    )
+) -> tuple[DataLoader, EpochSampler]:
     # The loader's generator only seeds data workers (their augmentation randomness): different per rank.
-    generator = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([cfg.train.seed, dist_info.rank]).generate_state(1)[0])
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size // dist_info.world_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=build_mix_collate(cfg.data, num_classes),
-        generator=generator,
-        **_worker_kwargs(cfg, device),
-    )
-    return loader, sampler
+    worker_seed = int(np.random.SeedSequence([cfg.train.seed, dist_info.rank]).generate_state(1)[0])
+    return training_loader(
+        dataset, cfg.data, cfg.train.batch_size, seed=cfg.train.seed, generator_seed=worker_seed,
+        collate_fn=build_mix_collate(cfg.data, num_classes), dist_info=dist_info, device=device,
+    )  # fmt: skip
 
 
 def _eval_loader(cfg: Config, dataset, dist_info: DistInfo, device: torch.device) -> DataLoader:
-    # Every image exactly once over all ranks (DistributedSampler would pad with repeats).
-    if dist_info.is_distributed:
-        dataset = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
-    batch_size = max(1, cfg.train.eval_batch_size // dist_info.world_size)
-    # Its own generator: iterating a loader draws a seed, which must not come from (and shift) the training stream.
-    generator = torch.Generator().manual_seed(0)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=generator, **_worker_kwargs(cfg, device))
-
-
-def _worker_kwargs(cfg: Config, device: torch.device) -> dict:
-    workers = cfg.data.num_workers
-    return {
-        "num_workers": workers,
-        "pin_memory": cfg.data.pin_memory and device.type == "cuda",
-        "persistent_workers": workers > 0,
-        "worker_init_fn": _ignore_stop_signals if workers > 0 else None,
-    }
-
-
-def _stop_data_workers(*loaders: DataLoader) -> None:
-    """Shut down the loaders' persistent workers now. They ignore SIGTERM (see ``_ignore_stop_signals``), so if an
-    error left them running, multiprocessing's exit handler, which stops daemon processes with SIGTERM, would wait
-    for them forever."""
-    for loader in loaders:
-        iterator = getattr(loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        loader._iterator = None
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Data workers leave Ctrl-C/SIGTERM to the main process, which stops at a step boundary and then closes them.
-
-    (torch already seeds each worker's random, numpy and torch generators from the loader's generator.)
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # CPU and every CUDA device
-
-
-@contextlib.contextmanager
-def _determinism(deterministic: bool):
-    """Deterministic kernels (warn-only where torch has none) while training; global flags restored afterwards."""
-    saved = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-    )
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
-
-
-class _StopRequest:
-    """Set by the first SIGINT/SIGTERM; the loop reads it between steps, so a checkpoint never holds half a step."""
-
-    signum: int | None = None
-
-
-@contextlib.contextmanager
-def _graceful_stop():
-    request = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
-        yield request
-        return
-
-    def handler(signum, frame):
-        if request.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        request.signum = signum
-
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield request
-    finally:
-        for signum, previous_handler in previous.items():
-            signal.signal(signum, previous_handler)
-
-
-def _raise_for_signal(signum: int, last_path: Path, is_main: bool) -> None:
-    if is_main:
-        print(f"unikd: {signal.Signals(signum).name}: saved {last_path}; continue with --resume", file=sys.stderr)
-    if signum == signal.SIGTERM:
-        raise SystemExit(128 + signal.SIGTERM)
-    raise KeyboardInterrupt(f"interrupted: saved {last_path}; continue with --resume")
-
-
-def _non_finite_loss_message(terms: dict[str, torch.Tensor], step: int, epoch: int, last_path: Path) -> str:
-    bad = [f"{name}={value.item()}" for name, value in terms.items() if not math.isfinite(value.item())]
-    culprit = ", ".join(bad) if bad else "on another process"
-    last = f"last good checkpoint: {last_path}" if last_path.is_file() else "no checkpoint was written yet"
-    return (
-        f"non-finite loss at step {step} (epoch {epoch}): {culprit}; {last}. "
-        "Lower optim.lr, set optim.clip_grad_norm, or use train.amp=bf16 instead of fp16"
-    )
+    return evaluation_loader(dataset, cfg.data, cfg.train.eval_batch_size, dist_info=dist_info, device=device)

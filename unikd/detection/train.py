@@ -3,7 +3,8 @@
     cfg = load_detection_config("configs/detection/mosaics_student.yaml")
     result = train_detector(cfg)              # or: unikd detect train CONFIG [key=value ...] [--resume]
 
-The classification engine's conventions (``unikd.train``, ``unikd._rundir``) for torchvision detectors. The run
+The classification engine's conventions for torchvision detectors, on the same helpers (``unikd._engine``: run
+directory, seeding, graceful stop, loaders, per-step checks, resume checks; ``unikd._rundir``: the files). The run
 directory is locked for the run and holds ``config.yaml``, ``metrics.jsonl``, ``tb/``, ``last.pt``, ``best.pt``
 (best ``bbox_AP``) and ``final.json``. Checkpoints are written atomically, ``best.pt`` before ``last.pt``, after a
 check that every parameter, buffer and optimizer slot is finite; they hold the student detector with its
@@ -40,8 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from unikd._checkpoint import (
     CHECKPOINT_FORMAT,
@@ -52,12 +52,34 @@ from unikd._checkpoint import (
     non_finite_state,
     restore_rng_state,
 )
-from unikd._distributed import DistInfo, all_reduce, init_distributed, resolve_device
+from unikd._distributed import DistInfo, init_distributed, resolve_device
+from unikd._engine import (
+    AMP_DTYPES,
+    EpochSampler,
+    StopRequest,
+    check_resume_config,
+    check_run_settings,
+    check_step,
+    determinism,
+    evaluation_loader,
+    graceful_stop,
+    log_train_window,
+    non_finite_loss_message,
+    non_finite_state_message,
+    optimizer_step,
+    raise_for_signal,
+    resume_checkpoint,
+    run_directory,
+    seed_everything,
+    stop_data_workers,
+    training_loader,
+    wrap_ddp,
+)
 from unikd._errors import UnikdError
-from unikd._logging import MetricsWriter, console, peak_memory_mb, progress_bar
+from unikd._logging import MetricsWriter, peak_memory_mb, progress_bar
 from unikd._optim import build_optimizer, build_scheduler
-from unikd._rundir import FINAL, LAST, METRICS, reconcile_checkpoints, trim_metrics, write_checkpoints, write_json
-from unikd.config import ScheduleConfig, config_changes
+from unikd._rundir import FINAL, LAST, METRICS, trim_metrics, write_checkpoints, write_json
+from unikd.config import ScheduleConfig
 from unikd.detection.config import (
     DetectionConfig,
     detection_config_from_dict,
@@ -69,22 +91,6 @@ from unikd.detection.distill import TrainableDetector
 from unikd.detection.evaluate import evaluate_detector
 from unikd.detection.models import detector_from_config, load_teacher_detector
 
-# The classification engine's loop helpers (private there; both engines run on them).
-from unikd.train import (
-    AMP_DTYPES,
-    _determinism,
-    _EpochSampler,
-    _graceful_stop,
-    _raise_for_signal,
-    _raise_on_any_rank,
-    _run_directory,
-    _seed_everything,
-    _stop_data_workers,
-    _StopRequest,
-    _worker_kwargs,
-    optimizer_step,
-)
-
 __all__ = ["RESUME_ENTRIES", "SAFE_TO_CHANGE_ON_RESUME", "evaluate_detection_checkpoint", "train_detector"]
 
 MONITOR = "bbox_AP"
@@ -93,6 +99,11 @@ RESUME_ENTRIES = (
     *("task", "categories", "run_id", "optimizer", "scheduler", "scaler", "epoch", "step", "steps_per_epoch"),
     *("rng", "metrics"),
 )
+# What a non-finite loss or model state advises: the classification engine's advice and the warm-up.
+_LOSS_ADVICE = (
+    "Lower optim.lr, lengthen schedule.warmup_iters, set optim.clip_grad_norm, or use train.amp=bf16 instead of fp16"
+)
+_STATE_ADVICE = "Lower optim.lr, lengthen schedule.warmup_iters or set optim.clip_grad_norm"
 # Keys that may differ between a run and its --resume: where data and outputs live, how fast data loads, how long
 # to train, and what is logged and when. Any other difference is refused.
 SAFE_TO_CHANGE_ON_RESUME = (
@@ -120,7 +131,7 @@ class _Run:
     output_dir: Path
     data: DetectionData
     train_loader: DataLoader
-    train_sampler: _EpochSampler
+    train_sampler: EpochSampler
     val_loader: DataLoader
     steps_per_epoch: int
     total_steps: int
@@ -160,9 +171,9 @@ def train_detector(cfg: DetectionConfig, *, resume: bool = False) -> dict:
     dist_info, device, owns_process_group = init_distributed(cfg.train.device)
     try:
         with (
-            _determinism(cfg.train.deterministic),
-            _graceful_stop() as stop,
-            _run_directory(cfg, resume, dist_info, device) as output_dir,
+            determinism(cfg.train.deterministic),
+            graceful_stop() as stop,
+            run_directory(cfg.output_dir, resume, dist_info, device) as output_dir,
         ):
             run = _set_up(cfg, resume, output_dir, dist_info, device)
             epochs = range(run.step // run.steps_per_epoch, math.ceil(run.total_steps / run.steps_per_epoch))
@@ -172,7 +183,7 @@ def train_detector(cfg: DetectionConfig, *, resume: bool = False) -> dict:
                         _train_epoch(run, epoch, stop)
                 return _finish(run)
             finally:
-                _stop_data_workers(run.train_loader, run.val_loader)  # workers ignore SIGTERM: never leave them
+                stop_data_workers(run.train_loader, run.val_loader)  # workers ignore SIGTERM: never leave them
     finally:
         if owns_process_group:
             dist.destroy_process_group()
@@ -182,13 +193,7 @@ def train_detector(cfg: DetectionConfig, *, resume: bool = False) -> dict:
 
 
 def _set_up(cfg: DetectionConfig, resume: bool, output_dir: Path, dist_info: DistInfo, device: torch.device) -> _Run:
-    if cfg.train.amp == "fp16" and device.type != "cuda":
-        raise UnikdError("train.amp: 'fp16' needs CUDA (its GradScaler); on CPU use train.amp=bf16 or none")
-    world = dist_info.world_size
-    if cfg.train.batch_size % world:
-        raise UnikdError(
-            f"train.batch_size: {cfg.train.batch_size} does not split over {world} processes; use a multiple of {world}"
-        )
+    check_run_settings(cfg.train, device, dist_info.world_size)
     checkpoint = _resume_checkpoint(cfg, output_dir, dist_info, device) if resume else None
     if dist_info.is_main:
         save_detection_config(cfg, output_dir / "config.yaml")
@@ -208,7 +213,7 @@ def _set_up(cfg: DetectionConfig, resume: bool, output_dir: Path, dist_info: Dis
     unit_steps = steps_per_epoch if cfg.schedule.unit == "epoch" else 1  # steps per schedule unit
 
     # Student, teacher. The student's initialisation depends on the seed only: paired runs across methods.
-    _seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     student = detector_from_config(cfg.model.student, data.num_classes, cfg.data)
     trainable = TrainableDetector(student, cfg.method.name, **cfg.method.params).to(device)
     teacher = None
@@ -220,7 +225,7 @@ def _set_up(cfg: DetectionConfig, resume: bool, output_dir: Path, dist_info: Dis
     scheduler = build_scheduler(optimizer, schedule, cfg.optim.lr, cfg.schedule.length, unit_steps)
     model: nn.Module = trainable
     if dist_info.is_distributed:
-        model = DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_ddp(trainable, device)
     run = _Run(
         cfg=cfg,
         dist=dist_info,
@@ -250,7 +255,7 @@ def _set_up(cfg: DetectionConfig, resume: bool, output_dir: Path, dist_info: Dis
         trim_metrics(output_dir / METRICS, run.step, sys.maxsize)  # evaluations are re-logged by step only
     # Training randomness (flips, RoI sampling) starts from the seed after everything is built, the same across
     # methods; each rank its own stream. A resume restores it instead.
-    _seed_everything(cfg.train.seed + dist_info.rank)
+    seed_everything(cfg.train.seed + dist_info.rank)
     if checkpoint is not None:
         restore_rng_state(checkpoint["rng"])
     run.writer = MetricsWriter(  # purge_step: TensorBoard hides what an interrupted run logged after its checkpoint
@@ -261,29 +266,14 @@ def _set_up(cfg: DetectionConfig, resume: bool, output_dir: Path, dist_info: Dis
 
 def _resume_checkpoint(cfg: DetectionConfig, output_dir: Path, dist_info: DistInfo, device: torch.device) -> dict:
     """``last.pt`` after rank 0 repaired the checkpoint set; raises when the config differs but in safe keys."""
-    error, notes = None, []
-    if dist_info.is_main:
-        try:
-            checkpoint, notes = reconcile_checkpoints(output_dir, _load_resume_checkpoint, unit="step")
-        except UnikdError as caught:
-            error = caught
-    _raise_on_any_rank(error, dist_info, device)  # also waits for rank 0's repair
-    if not dist_info.is_main:
-        checkpoint = load_checkpoint(output_dir / LAST, RESUME_ENTRIES)
-    for note in notes:
-        console(f"unikd: resume: {note}")
-    with warnings.catch_warnings():  # the stored config's own warnings were shown when it was first loaded
-        warnings.simplefilter("ignore")
-        stored = detection_config_to_dict(detection_config_from_dict(checkpoint["config"], check_files=False))
-    changes = config_changes(stored, detection_config_to_dict(cfg))
-    refused = {key: change for key, change in changes.items() if key not in SAFE_TO_CHANGE_ON_RESUME}
-    if refused:
-        listing = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
-        raise UnikdError(
-            f"--resume: the config differs from the one {output_dir / LAST} was trained with: {listing}. Only "
-            f"{', '.join(SAFE_TO_CHANGE_ON_RESUME)} may change on resume; resume with the run's config "
-            f"({output_dir / 'config.yaml'}), or start a new run in another output_dir"
-        )
+    checkpoint = resume_checkpoint(output_dir, dist_info, device, load=_load_resume_checkpoint, unit="step")
+    check_resume_config(
+        checkpoint["config"],
+        cfg,
+        from_dict=detection_config_from_dict,
+        safe=SAFE_TO_CHANGE_ON_RESUME,
+        output_dir=output_dir,
+    )
     return checkpoint
 
 
@@ -322,7 +312,7 @@ def _restore(run: _Run, checkpoint: dict) -> None:
 # ---- phase 2: one epoch of steps ---------------------------------------------------------------------------------
 
 
-def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> None:
+def _train_epoch(run: _Run, epoch: int, stop: StopRequest) -> None:
     cfg = run.cfg
     batches_done = run.step - epoch * run.steps_per_epoch  # > 0 only when resuming mid-epoch
     epoch_steps = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
@@ -342,14 +332,16 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> None:
             window[name] = window.get(name, 0.0) + value.detach().float()
         window_steps += 1
         if run.step % cfg.train.log_every == 0 or batch_index == epoch_steps - 1:
-            means = _log_train_window(run, epoch, lr, window, window_steps, time.perf_counter() - window_start)
-            bar.set_postfix(means, refresh=False)
+            log_train_window(
+                run.writer, bar, window, steps=window_steps, seconds=time.perf_counter() - window_start,
+                step=run.step, epoch=epoch, lr=lr, batch_size=cfg.train.batch_size, world_size=run.dist.world_size,
+            )  # fmt: skip
             window, window_steps, window_start = {}, 0, time.perf_counter()
         if stop_requested:
             if run.dist.is_main:
                 _save(run, epoch, is_best=False)
             bar.close()
-            _raise_for_signal(stop.signum, run.output_dir / LAST, run.dist.is_main)
+            raise_for_signal(stop.signum, run.output_dir / LAST, run.dist.is_main)
         if run.step % run.eval_period == 0 or run.step == run.total_steps:
             bar.clear()
             _evaluate_and_checkpoint(run, epoch)
@@ -359,7 +351,7 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest) -> None:
         _save(run, epoch + 1, is_best=False)  # the end of an epoch between evaluation points
 
 
-def _train_step(run: _Run, batch, epoch: int, stop: _StopRequest) -> tuple[dict[str, torch.Tensor], float, bool]:
+def _train_step(run: _Run, batch, epoch: int, stop: StopRequest) -> tuple[dict[str, torch.Tensor], float, bool]:
     """One optimizer step; returns the loss terms, the lr it used and whether any rank asked to stop."""
     device = run.device
     images = [image.to(device, non_blocking=True) for image in batch[0]]
@@ -367,30 +359,16 @@ def _train_step(run: _Run, batch, epoch: int, stop: _StopRequest) -> tuple[dict[
     with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         terms = run.model(images, targets, run.teacher)
     loss = sum(terms.values())
-    # One check per step, agreed by all ranks, before the backward pass (as in unikd.train).
-    stop_requested = stop.signum is not None
-    if run.cfg.train.nan_check or run.dist.is_distributed:
-        flags = torch.stack([~torch.isfinite(loss.detach()), torch.tensor(stop_requested, device=device)]).float()
-        flags = all_reduce(flags, op="max").tolist() if run.dist.is_distributed else flags.tolist()
-        if run.cfg.train.nan_check and flags[0]:
-            raise UnikdError(_non_finite_message(terms, run.step + 1, epoch, run.output_dir / LAST))
-        stop_requested = bool(flags[1])
+    non_finite, stop_requested = check_step(
+        loss, stop, nan_check=run.cfg.train.nan_check, dist_info=run.dist, device=device
+    )
+    if non_finite:
+        raise UnikdError(non_finite_loss_message(terms, run.step + 1, epoch, run.output_dir / LAST, _LOSS_ADVICE))
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses (logged)
     optimizer_step(loss, run.optimizer, run.scaler, run.trainable_params, run.cfg.optim.clip_grad_norm)
     run.scheduler.step()
     run.step += 1
     return terms, lr, stop_requested
-
-
-def _log_train_window(run: _Run, epoch: int, lr: float, window: dict, steps: int, seconds: float) -> dict:
-    names = [*window, "loss"]
-    sums = torch.stack([*window.values(), sum(window.values())])
-    means = dict(zip(names, (all_reduce(sums) / (run.dist.world_size * steps)).tolist()))
-    images_per_s = steps * run.cfg.train.batch_size / seconds
-    run.writer.write(
-        {"split": "train", "step": run.step, "epoch": epoch, "lr": lr, **means, "images_per_s": images_per_s}
-    )
-    return {**means, "lr": lr, "img/s": images_per_s}
 
 
 # ---- phase 3: evaluation points and checkpoints ------------------------------------------------------------------
@@ -423,13 +401,7 @@ def _save(run: _Run, epoch: int, *, is_best: bool) -> None:
     """Write the checkpoint set after checking that the model state is finite (rank 0; ``epoch``: in progress)."""
     bad = non_finite_state({"student": run.student}, run.optimizer)
     if bad:
-        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        last = run.output_dir / LAST
-        kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
-        raise UnikdError(
-            f"non-finite model state at step {run.step}: {names}; not saved, {kept}. Lower optim.lr, lengthen "
-            "schedule.warmup_iters or set optim.clip_grad_norm"
-        )
+        raise UnikdError(non_finite_state_message(bad, f"at step {run.step}", run.output_dir / LAST, _STATE_ADVICE))
     write_checkpoints(run.output_dir, _checkpoint(run, epoch), is_best=is_best)
 
 
@@ -506,20 +478,10 @@ def evaluate_detection_checkpoint(path: str | os.PathLike, overrides: list[str] 
             amp_dtype=AMP_DTYPES[cfg.train.amp],
         )
     finally:
-        _stop_data_workers(loader)
+        stop_data_workers(loader)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
-
-
-def _non_finite_message(terms: dict[str, torch.Tensor], step: int, epoch: int, last_path: Path) -> str:
-    bad = [f"{name}={value.item()}" for name, value in terms.items() if not math.isfinite(value.item())]
-    culprit = ", ".join(bad) if bad else "on another process"
-    last = f"last good checkpoint: {last_path}" if last_path.is_file() else "no checkpoint was written yet"
-    return (
-        f"non-finite loss at step {step} (epoch {epoch}): {culprit}; {last}. Lower optim.lr, lengthen "
-        "schedule.warmup_iters, set optim.clip_grad_norm, or use train.amp=bf16 instead of fp16"
-    )
 
 
 def _step_schedule(cfg: DetectionConfig, unit_steps: int) -> ScheduleConfig:
@@ -536,34 +498,15 @@ def _step_schedule(cfg: DetectionConfig, unit_steps: int) -> ScheduleConfig:
 
 def _train_loader(
     cfg: DetectionConfig, data: DetectionData, dist_info: DistInfo, device: torch.device
-) -> tuple[DataLoader, _EpochSampler]:
-    sampler = _EpochSampler(
-        data.train,
-        num_replicas=dist_info.world_size,
-        rank=dist_info.rank,
-        shuffle=True,
-        seed=cfg.train.seed,
-        drop_last=True,
-    )
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist_info.rank)  # data workers' flips
-    loader = DataLoader(
-        data.train,
-        batch_size=cfg.train.batch_size // dist_info.world_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=collate_detection,
-        generator=generator,
-        **_worker_kwargs(cfg, device),
-    )
-    return loader, sampler
+) -> tuple[DataLoader, EpochSampler]:
+    return training_loader(
+        data.train, cfg.data, cfg.train.batch_size, seed=cfg.train.seed,
+        generator_seed=cfg.train.seed * 1000 + dist_info.rank,  # data workers' flips
+        collate_fn=collate_detection, dist_info=dist_info, device=device,
+    )  # fmt: skip
 
 
 def _val_loader(cfg: DetectionConfig, data: DetectionData, dist_info: DistInfo, device: torch.device) -> DataLoader:
-    dataset = data.val
-    if dist_info.is_distributed:  # every image exactly once over all ranks
-        dataset = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
-    batch_size = max(1, cfg.train.eval_batch_size // dist_info.world_size)
-    generator = torch.Generator().manual_seed(0)  # iterating draws a seed: not from (and shifting) the training stream
-    return DataLoader(
-        dataset, batch_size=batch_size, collate_fn=collate_detection, generator=generator, **_worker_kwargs(cfg, device)
+    return evaluation_loader(
+        data.val, cfg.data, cfg.train.eval_batch_size, dist_info=dist_info, device=device, collate_fn=collate_detection
     )
