@@ -13,6 +13,11 @@ Each subcommand is one ``_<name>`` function taking the parsed arguments plus one
 ``build_parser``. Exit status: 0 on success; 2 with ``unikd: error: <message>`` on one line and no traceback for a
 user error (``UnikdError``, a file that is missing or may not be read or written); 130 on Ctrl-C, 143 on SIGTERM.
 Anything else is a bug and keeps its traceback.
+
+The pieces another command group builds on (``unikd.detection.cli``): ``add_train_command``, ``add_eval_command``,
+``add_export_command`` and ``add_config_command`` (the four subcommands every task has, their arguments and help in
+one place), ``data_overrides`` (``--data ROOT`` as ``data.root=ROOT``), ``checkpoint_to_export``, and
+``run_command`` (the exit codes above, warnings on one line).
 """
 
 from __future__ import annotations
@@ -20,13 +25,30 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from unikd._errors import UnikdError
 
 EXPORT_SUFFIXES = (".pt", ".pth", ".safetensors")
 _OVERRIDES_HELP = "config overrides, e.g. train.epochs=5 optim.lr=0.05 schedule.milestones=[30,60] model.teacher=null"
+
+
+__all__ = [
+    "EXPORT_SUFFIXES",
+    "add_config_command",
+    "add_eval_command",
+    "add_export_command",
+    "add_train_command",
+    "build_parser",
+    "checkpoint_to_export",
+    "data_overrides",
+    "fail",
+    "main",
+    "parse_args",
+    "run_command",
+    "show_warning",
+]
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -45,7 +67,7 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from unikd.train import evaluate_checkpoint, evaluate_weights
 
-    overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
+    overrides = data_overrides(args)
     if args.model is None:
         if args.format is not None:
             raise UnikdError("--format: only with --model NAME (a unikd checkpoint says what it holds)")
@@ -75,12 +97,9 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from unikd._checkpoint import load_checkpoint
     from unikd.models import export_state_dict
 
-    if not args.out.endswith(EXPORT_SUFFIXES):
-        raise UnikdError(f"OUT: {args.out} must end with one of {', '.join(EXPORT_SUFFIXES)}")
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = checkpoint_to_export(args.checkpoint, args.out)
     metadata = {key: checkpoint[key] for key in ("model_name", "num_classes", "in_chans") if key in checkpoint}
     export_state_dict(checkpoint["model"], args.out, metadata=metadata)
     print(f"wrote {checkpoint['model_name']} ({len(checkpoint['model'])} tensors) to {args.out}")
@@ -95,7 +114,7 @@ def _config(args: argparse.Namespace) -> None:
 def _softlabels(args: argparse.Namespace) -> None:
     from unikd.softlabels import explanation, soft_labels_from_checkpoint
 
-    overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
+    overrides = data_overrides(args)
     report = soft_labels_from_checkpoint(args.checkpoint, args.out, num_images=args.num_images, overrides=overrides)
     for entry in report:
         others = ", ".join(f"{item['name']} {item['value']:.3f}" for item in entry["non_target"])
@@ -124,25 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
-    train = commands.add_parser("train", help="train a student with a method", description="Train a student.")
-    train.add_argument("config", metavar="CONFIG", help="YAML config, e.g. configs/fmnist_uskd.yaml")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
-    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    train.set_defaults(func=_train)
+    add_train_command(
+        commands, _train, help="train a student with a method", description="Train a student.",
+        config_help="YAML config, e.g. configs/fmnist_uskd.yaml", overrides_help=_OVERRIDES_HELP,
+    )  # fmt: skip
 
-    evaluate = commands.add_parser(
-        "eval",
+    evaluate = add_eval_command(
+        commands,
+        _eval,
         help="evaluate a checkpoint or any weights file",
         description="Top-1/top-5 of a unikd checkpoint on its validation set, or with --model of any weights file "
         "(unikd, timm, torchvision, CRD/mdistiller, mmpretrain/cls_KD layouts, detected) on a dataset.",
+        checkpoint_help="a unikd training checkpoint (.pt), or with --model any weights file",
+        overrides_help="config overrides, e.g. data.root=DIR data.val_subset=1000",
     )
-    evaluate.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a unikd training checkpoint (.pt), or with --model any weights file"
-    )
-    evaluate.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=DIR data.val_subset=1000"
-    )
-    evaluate.add_argument("--data", metavar="ROOT", help="the dataset folder (same as data.root=ROOT)")
     evaluate.add_argument(
         "--model",
         metavar="NAME",
@@ -154,23 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: auto, detected)",
     )  # fmt: skip
     evaluate.add_argument("--out", metavar="FILE", help="also write the numbers as JSON to FILE")
-    evaluate.set_defaults(func=_eval)
 
-    export = commands.add_parser(
-        "export",
-        help="write the student's weights",
+    add_export_command(
+        commands, _export, help="write the student's weights",
         description="Write the student's state_dict (without training-only parts such as USKD's weak head).",
-    )
-    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a unikd training checkpoint (.pt)")
-    export.add_argument("out", metavar="OUT", help=f"output file; the format follows the suffix: {EXPORT_SUFFIXES}")
-    export.set_defaults(func=_export)
-
-    config = commands.add_parser(
-        "config", help="print the resolved config", description="Validate a config and print it with every default."
-    )
-    config.add_argument("config", metavar="CONFIG", help="YAML config")
-    config.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
-    config.set_defaults(func=_config)
+        checkpoint_help="a unikd training checkpoint (.pt)",
+    )  # fmt: skip
+    add_config_command(
+        commands, _config, description="Validate a config and print it with every default.", config_help="YAML config",
+        overrides_help=_OVERRIDES_HELP,
+    )  # fmt: skip
 
     softlabels = commands.add_parser(
         "softlabels",
@@ -181,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     softlabels.add_argument("checkpoint", metavar="CHECKPOINT", help="a unikd training checkpoint of a USKD run")
     softlabels.add_argument("--out", required=True, metavar="DIR", help="output folder")
     softlabels.add_argument("--num-images", type=int, default=8, metavar="N", help="images to show (default: 8)")
-    softlabels.add_argument("--data", metavar="ROOT", help="the dataset folder (same as data.root=ROOT)")
+    _add_data_option(softlabels)
     softlabels.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the checkpoint's config")
     softlabels.set_defaults(func=_softlabels)
 
@@ -237,31 +244,128 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
-    args = parse_args(argv)
+    return run_command(parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Call the parsed command's handler (``args.func``) and return the exit status of the module docstring: a user
+    error becomes one ``unikd: error:`` line, a warning one ``unikd: warning:`` line."""
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            warnings.showwarning = show_warning
             args.func(args)
     except UnikdError as error:
-        return _fail(str(error))
+        return fail(str(error))
     except FileNotFoundError as error:  # a path the user gave that is not there
-        return _fail(f"file not found: {error.filename}" if error.filename else str(error))
+        return fail(f"file not found: {error.filename}" if error.filename else str(error))
     except (PermissionError, IsADirectoryError, NotADirectoryError) as error:  # a path the user gave, unusable
-        return _fail(f"{error.strerror}: {error.filename}" if error.filename else str(error))
+        return fail(f"{error.strerror}: {error.filename}" if error.filename else str(error))
     except KeyboardInterrupt:
         print("unikd: interrupted", file=sys.stderr)
         return 130
     return 0
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
+    """Print ``message`` as one ``unikd: error:`` line on stderr; returns the exit status 2."""
     print(f"unikd: error: {' '.join(message.split())}", file=sys.stderr)
     return 2
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    # A warning here is advice to the user (e.g. an ignored config key): one line, no source location.
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: a warning here is advice to the user (e.g. an ignored config
+    key), one line without a source location."""
     print(f"unikd: warning: {message}", file=sys.stderr)
+
+
+# ---- the subcommands every task has ------------------------------------------------------------------------------
+
+
+def add_train_command(
+    commands: argparse._SubParsersAction,
+    handler: Callable[[argparse.Namespace], None],
+    *,
+    help: str,
+    description: str,
+    config_help: str,
+    overrides_help: str,
+) -> argparse.ArgumentParser:
+    """``train CONFIG [key=value ...] [--resume]``, run by ``handler``."""
+    train = commands.add_parser("train", help=help, description=description)
+    train.add_argument("config", metavar="CONFIG", help=config_help)
+    train.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    train.set_defaults(func=handler)
+    return train
+
+
+def add_eval_command(
+    commands: argparse._SubParsersAction,
+    handler: Callable[[argparse.Namespace], None],
+    *,
+    help: str,
+    description: str,
+    checkpoint_help: str,
+    overrides_help: str,
+) -> argparse.ArgumentParser:
+    """``eval CHECKPOINT [key=value ...] [--data ROOT]``, run by ``handler``; the caller may add options."""
+    evaluate = commands.add_parser("eval", help=help, description=description)
+    evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help=checkpoint_help)
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    _add_data_option(evaluate)
+    evaluate.set_defaults(func=handler)
+    return evaluate
+
+
+def add_export_command(
+    commands: argparse._SubParsersAction,
+    handler: Callable[[argparse.Namespace], None],
+    *,
+    help: str,
+    description: str,
+    checkpoint_help: str,
+) -> argparse.ArgumentParser:
+    """``export CHECKPOINT OUT``, run by ``handler`` (which reads the file with ``checkpoint_to_export``)."""
+    export = commands.add_parser("export", help=help, description=description)
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help=checkpoint_help)
+    export.add_argument("out", metavar="OUT", help=f"output file; the format follows the suffix: {EXPORT_SUFFIXES}")
+    export.set_defaults(func=handler)
+    return export
+
+
+def add_config_command(
+    commands: argparse._SubParsersAction,
+    handler: Callable[[argparse.Namespace], None],
+    *,
+    description: str,
+    config_help: str,
+    overrides_help: str,
+) -> argparse.ArgumentParser:
+    """``config CONFIG [key=value ...]``, run by ``handler``."""
+    config = commands.add_parser("config", help="print the resolved config", description=description)
+    config.add_argument("config", metavar="CONFIG", help=config_help)
+    config.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    config.set_defaults(func=handler)
+    return config
+
+
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    """The command's ``key=value`` overrides, with ``--data ROOT`` as ``data.root=ROOT`` last."""
+    return [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
+
+
+def checkpoint_to_export(checkpoint: str, out: str) -> dict:
+    """The unikd training checkpoint ``checkpoint`` (``MODEL_ENTRIES`` checked), once ``out`` has a suffix
+    ``export_state_dict`` writes."""
+    from unikd._checkpoint import load_checkpoint
+
+    if not out.endswith(EXPORT_SUFFIXES):
+        raise UnikdError(f"OUT: {out} must end with one of {', '.join(EXPORT_SUFFIXES)}")
+    return load_checkpoint(checkpoint)
+
+
+def _add_data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="ROOT", help="the dataset folder (same as data.root=ROOT)")
 
 
 def _version() -> str:

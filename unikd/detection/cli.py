@@ -7,24 +7,32 @@
     unikd detect mosaics --out DIR [--fashion-mnist DIR] [--train N] [--val N] [--canvas PX] [--seed S]
     unikd detect bench PROFILE --out DIR [--methods M ...] [--seeds S ...] [--threads N] [key=value ...]
 
-``add_commands(subparsers)`` adds the group to the ``unikd`` parser (``unikd.cli.build_parser``); each subcommand
-sets ``func`` to a ``_<name>(args)`` handler, as the classification commands do, so ``unikd.cli.main`` runs them
-with its exit codes: 0, 2 with ``unikd: error: <one line>`` for a user error, 130 on Ctrl-C. ``main(argv)`` runs the
-group on its own (``python -m unikd.detection.cli detect ...``) with the same exit codes. Torch and the engine are
-imported only by the handlers that need them.
+``add_commands(subparsers)`` adds the group to the ``unikd`` parser (``unikd.cli.build_parser``); train, eval,
+export and config are built by ``unikd.cli``'s ``add_*_command`` as the classification ones are, and each
+subcommand sets ``func`` to a ``_<name>(args)`` handler, so ``unikd.cli.run_command`` runs them with its exit codes:
+0, 2 with ``unikd: error: <one line>`` for a user error, 130 on Ctrl-C. ``main(argv)`` runs the group on its own
+(``python -m unikd.detection.cli detect ...``) the same way. Torch and the engine are imported only by the
+handlers that need them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from unikd._errors import UnikdError
+from unikd.cli import (
+    add_config_command,
+    add_eval_command,
+    add_export_command,
+    add_train_command,
+    checkpoint_to_export,
+    data_overrides,
+    run_command,
+)
 
-EXPORT_SUFFIXES = (".pt", ".pth", ".safetensors")
 _OVERRIDES_HELP = "config overrides, e.g. train.batch_size=8 optim.lr=0.01 schedule.length=24 'method={name: nkd}'"
 
 __all__ = ["add_commands", "main"]
@@ -43,17 +51,13 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from unikd.detection.train import evaluate_detection_checkpoint
 
-    overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
-    print(_metrics_line(evaluate_detection_checkpoint(args.checkpoint, overrides)))
+    print(_metrics_line(evaluate_detection_checkpoint(args.checkpoint, data_overrides(args))))
 
 
 def _export(args: argparse.Namespace) -> None:
-    from unikd._checkpoint import load_checkpoint
     from unikd.models import export_state_dict
 
-    if not args.out.endswith(EXPORT_SUFFIXES):
-        raise UnikdError(f"OUT: {args.out} must end with one of {', '.join(EXPORT_SUFFIXES)}")
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = checkpoint_to_export(args.checkpoint, args.out)
     if checkpoint.get("task") != "detection":
         raise UnikdError(f"{args.checkpoint} is a classification checkpoint; export it with 'unikd export'")
     export_state_dict(checkpoint["model"], args.out)
@@ -105,39 +109,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     commands = detect.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
-    train = commands.add_parser("train", help="train a detector", description="Train a student detector.")
-    train.add_argument(
-        "config", metavar="CONFIG", help="detection YAML config, e.g. configs/detection/mosaics_nkd.yaml"
-    )
-    train.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
-    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    train.set_defaults(func=_train)
-
-    evaluate = commands.add_parser(
-        "eval", help="evaluate a checkpoint", description="COCO AP/AR of a detection checkpoint on its validation set."
-    )
-    evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a unikd detection checkpoint (.pt)")
-    evaluate.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="overrides of the checkpoint's config, e.g. data.root=DIR"
-    )
-    evaluate.add_argument("--data", metavar="ROOT", help="the dataset folder (same as data.root=ROOT)")
-    evaluate.set_defaults(func=_eval)
-
-    export = commands.add_parser(
-        "export",
-        help="write the detector's weights",
+    add_train_command(
+        commands, _train, help="train a detector", description="Train a student detector.",
+        config_help="detection YAML config, e.g. configs/detection/mosaics_nkd.yaml", overrides_help=_OVERRIDES_HELP,
+    )  # fmt: skip
+    add_eval_command(
+        commands, _eval, help="evaluate a checkpoint",
+        description="COCO AP/AR of a detection checkpoint on its validation set.",
+        checkpoint_help="a unikd detection checkpoint (.pt)",
+        overrides_help="overrides of the checkpoint's config, e.g. data.root=DIR",
+    )  # fmt: skip
+    add_export_command(
+        commands, _export, help="write the detector's weights",
         description="Write the student detector's state_dict (torchvision's parameter names).",
-    )
-    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a unikd detection checkpoint (.pt)")
-    export.add_argument("out", metavar="OUT", help=f"output file; the format follows the suffix: {EXPORT_SUFFIXES}")
-    export.set_defaults(func=_export)
-
-    config = commands.add_parser(
-        "config", help="print the resolved config", description="Validate a detection config and print it in full."
-    )
-    config.add_argument("config", metavar="CONFIG", help="detection YAML config")
-    config.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
-    config.set_defaults(func=_config)
+        checkpoint_help="a unikd detection checkpoint (.pt)",
+    )  # fmt: skip
+    add_config_command(
+        commands, _config, description="Validate a detection config and print it in full.",
+        config_help="detection YAML config", overrides_help=_OVERRIDES_HELP,
+    )  # fmt: skip
 
     mosaics = commands.add_parser(
         "mosaics",
@@ -182,23 +172,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``unikd detect ...`` (``argv`` starts with ``detect``; default ``sys.argv[1:]``); returns the exit status."""
-    from unikd.cli import _fail, _show_warning  # the main CLI's one-line error and warning printers
-
     parser = argparse.ArgumentParser(prog="unikd", description="unikd's detection commands.")
     add_commands(parser.add_subparsers(title="commands", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            args.func(args)
-    except UnikdError as error:
-        return _fail(str(error))
-    except FileNotFoundError as error:
-        return _fail(f"file not found: {error.filename}" if error.filename else str(error))
-    except KeyboardInterrupt:
-        print("unikd: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(parser.parse_args(argv))
 
 
 def _metrics_line(metrics: dict) -> str:
