@@ -6,7 +6,7 @@
     unikd export CHECKPOINT OUT
     unikd config CONFIG [key=value ...]
     unikd softlabels CHECKPOINT [key=value ...] --out DIR [--data ROOT] [--num-images N]
-    unikd bench PROFILE [key=value ...] --out DIR [--methods M ...] [--seeds S ...]
+    unikd bench PROFILE [key=value ...] --out DIR [--methods M ...] [--seeds S ...] [--grid KEY=V1,V2,...]
     unikd detect {train,eval,export,config,mosaics,bench} ...   (unikd.detection.cli)
 
 Each subcommand is one ``_<name>`` function taking the parsed arguments plus one ``add_parser`` block in
