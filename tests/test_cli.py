@@ -7,9 +7,11 @@ format, and read the engine's ``metrics.jsonl``: train records ``{"split": "trai
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +55,33 @@ def test_help_everywhere(command, capsys):
         cli.main([*command, "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: unikd {' '.join(command)}".rstrip())
+
+
+@pytest.mark.parametrize("group", ["unikd", "unikd detect"])
+def test_the_usage_lines_of_the_module_docstring_name_every_option_of_their_command(group):
+    """The usage block at the top of unikd/cli.py (unikd/detection/cli.py for ``unikd detect``) shows every option
+    each command's parser takes, and no other."""
+    from unikd.detection import cli as detection_cli
+
+    parser, doc = cli.build_parser(), cli.__doc__
+    if group == "unikd detect":
+        parser, doc = _subcommands(parser)["detect"], detection_cli.__doc__
+    usage = []  # one entry per command line, with its deeper-indented continuation lines
+    for line in doc.splitlines():
+        if line.strip().startswith(f"{group} "):
+            usage.append(line.strip())
+        elif usage and line.startswith(" " * 8) and not line.strip().startswith("unikd"):
+            usage[-1] += " " + line.strip()
+    for name, command in _subcommands(parser).items():
+        if name == "detect":
+            continue
+        lines = " ".join(line for line in usage if line.removeprefix(group).split()[0] == name)
+        options = {option for action in command._actions for option in action.option_strings if option != "--help"}
+        assert set(re.findall(r"--[a-z-]+", lines)) == {option for option in options if option.startswith("--")}, name
+
+
+def _subcommands(parser) -> dict:
+    return next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
 
 
 def test_python_m_unikd_works_the_same():

@@ -4,7 +4,8 @@
     unikd detect eval CHECKPOINT [key=value ...] [--data ROOT]
     unikd detect export CHECKPOINT OUT
     unikd detect config CONFIG [key=value ...]
-    unikd detect mosaics --out DIR [--fashion-mnist DIR] [--train N] [--val N] [--canvas PX] [--seed S]
+    unikd detect mosaics --out DIR [--fashion-mnist DIR] [--train N] [--val N] [--canvas PX]
+        [--items MIN MAX] [--scale MIN MAX] [--seed S]
     unikd detect bench PROFILE --out DIR [--methods M ...] [--seeds S ...] [--threads N] [key=value ...]
 
 ``add_commands(subparsers)`` adds the group to the ``unikd`` parser (``unikd.cli.build_parser``); train, eval,
