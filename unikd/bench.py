@@ -45,14 +45,17 @@ import os
 import re
 import statistics
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from unikd._errors import UnikdError
 
 SELF_KD_METHODS = ("baseline", "ls", "tfkd", "zipf_ls", "uskd")
 TEACHER_METHODS = ("kd", "dkd", "nkd", "wsld")
 _COLUMN = re.compile(r"(?P<method>\w+)(?:\[(?P<params>.*)\])?")
+T = TypeVar("T")
 _BENCH_KEYS = {"train.seed": "the bench sets it from --seeds", "output_dir": "the bench names every run's folder"}
 
 
@@ -353,37 +356,70 @@ def config_path(relative: str) -> Path:
     raise UnikdError(f"config {relative} not found; run from the unikd repository root (it holds configs/)")
 
 
-def _build_config(
-    config: str, overrides: list[str], output_dir: Path, method_section: dict | None, *, check_files: bool = True
-):
+def run_config(
+    config: str,
+    overrides: list[str],
+    output_dir: Path,
+    method_section: dict | None,
+    *,
+    from_dict: Callable[..., Any],
+    check_files: bool = True,
+) -> Any:
+    """The config of one bench run: the shipped ``config`` (``config_path``) with its ``method`` section replaced by
+    ``method_section`` (if given), then ``overrides`` and ``output_dir``, built by the schema's ``from_dict``
+    (``unikd.config.config_from_dict``, ``unikd.detection.config.detection_config_from_dict``)."""
     import yaml
-
-    from unikd.config import config_from_dict
 
     raw = yaml.safe_load(config_path(config).read_text()) or {}
     if method_section is not None:
         raw["method"] = dict(method_section)
-    return config_from_dict(raw, [*overrides, f"output_dir={output_dir}"], check_files=check_files)
+    return from_dict(raw, [*overrides, f"output_dir={output_dir}"], check_files=check_files)
+
+
+def reuse_or_train(
+    cfg: Any, output_dir: Path, *, load_config: Callable[..., Any], train: Callable[..., dict]
+) -> tuple[dict, bool]:
+    """(the result of the run of ``cfg`` in ``output_dir``, whether it trained now): its ``final.json`` when it
+    finished with the same config (``load_config`` reads the stored ``config.yaml``), else ``train(cfg, resume=...)``.
+
+    An interrupted run, or a finished one asked for more (epochs, steps), resumes; any other config change is refused
+    by the trainer's resume check with the list of differing keys.
+    """
+    from unikd.config import config_changes, config_to_dict
+
+    final, stored = output_dir / "final.json", output_dir / "config.yaml"
+    if final.is_file() and stored.is_file():
+        same = not config_changes(config_to_dict(load_config(stored, check_files=False)), config_to_dict(cfg))
+        if same:
+            return json.loads(final.read_text()), False
+    started = (output_dir / "last.pt").is_file() or (output_dir / "best.pt").is_file()
+    return train(cfg, resume=started), True
+
+
+def _build_config(
+    config: str, overrides: list[str], output_dir: Path, method_section: dict | None, *, check_files: bool = True
+):
+    from unikd.config import config_from_dict
+
+    return run_config(
+        config, overrides, output_dir, method_section, from_dict=config_from_dict, check_files=check_files
+    )
 
 
 def run_training(config: str, overrides: list[str], output_dir: Path, method_section: dict | None = None) -> dict:
     """Train one run, unless ``output_dir`` holds it finished with the same config (then return its ``final.json``).
 
     An interrupted run, or a finished one asked for more epochs, resumes; a different config is refused by the
-    trainer's resume check with the list of differing keys.
+    trainer's resume check with the list of differing keys (``reuse_or_train``). A run trained now records the
+    machine's load average (``load_average``).
     """
-    from unikd.config import config_changes, config_to_dict, load_config
+    from unikd.config import load_config
     from unikd.train import train
 
     cfg = _build_config(config, overrides, output_dir, method_section)
-    final, stored = output_dir / "final.json", output_dir / "config.yaml"
-    if final.is_file() and stored.is_file():
-        same = not config_changes(config_to_dict(load_config(stored, check_files=False)), config_to_dict(cfg))
-        if same:
-            return json.loads(final.read_text())
-    started = (output_dir / "last.pt").is_file() or (output_dir / "best.pt").is_file()
-    result = train(cfg, resume=started)
-    result["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result, trained = reuse_or_train(cfg, output_dir, load_config=load_config, train=train)
+    if trained:
+        result["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return result
 
 
@@ -533,17 +569,29 @@ def _grid_note(grid: dict[str, list[str]], swept: list[str]) -> str:
 
 
 def get_profile(name: str) -> Profile:
-    if name not in PROFILES:
+    return lookup_profile(name, PROFILES, label="profile")
+
+
+def lookup_profile(name: str, profiles: dict[str, T], *, label: str) -> T:
+    """``profiles[name]``, or a ``UnikdError`` that starts with ``label`` and lists the profiles (with a
+    did-you-mean)."""
+    if name not in profiles:
         import difflib
 
-        close = difflib.get_close_matches(name, list(PROFILES), n=1)
+        close = difflib.get_close_matches(name, list(profiles), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UnikdError(f"profile: {name!r} is not one of {', '.join(PROFILES)}{hint}")
-    return PROFILES[name]
+        raise UnikdError(f"{label}: {name!r} is not one of {', '.join(profiles)}{hint}")
+    return profiles[name]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (0 for one value) of ``values``."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def plus_minus(value: tuple[float, float], *, signed: bool = False) -> str:
+    """``(mean, std)`` as a table cell: ``71.23 +- 0.45`` (``signed``, for a difference: ``+1.23 +- 0.45``)."""
+    return f"{value[0]:{'+' if signed else ''}.2f} +- {value[1]:.2f}"
 
 
 def summarize(runs: list[dict], methods: list[str], baseline_of: dict[str, str] | None = None) -> list[dict]:
@@ -569,10 +617,10 @@ def summarize(runs: list[dict], methods: list[str], baseline_of: dict[str, str] 
                 "column": method_runs[0].get("column", method),
                 "grid": method_runs[0].get("grid", {}),
                 "seeds": [r["seed"] for r in method_runs],
-                "last_top1": _mean_std(last),
-                "best_top1": _mean_std(best),
+                "last_top1": mean_std(last),
+                "best_top1": mean_std(best),
                 "best_epoch": [r["best_epoch"] for r in method_runs],
-                "delta_to_baseline": _mean_std(deltas),
+                "delta_to_baseline": mean_std(deltas),
                 "deltas": deltas,
                 "epoch_time_s": epoch_time,
                 "time_ratio": epoch_time / baseline_time,
@@ -614,16 +662,11 @@ def markdown_table(summary: list[dict], profile_name: str, seeds: list[int], mac
         "|---|---|---|---|---|---|---|" + ("---|" if with_memory else ""),
     ]
     for row in summary:
-        (last, last_std), (best, best_std), (delta, delta_std) = (
-            row["last_top1"],
-            row["best_top1"],
-            row["delta_to_baseline"],
-        )
         memory = f" {row['peak_mem_mb']:.0f} |" if row["peak_mem_mb"] is not None else " - |"
         lines.append(
-            f"| {row['method']} | {last:.2f} +- {last_std:.2f} | {best:.2f} +- {best_std:.2f} | "
-            f"{delta:+.2f} +- {delta_std:.2f} | {', '.join(map(str, row['best_epoch']))} | {row['epoch_time_s']:.1f} | "
-            f"{row['time_ratio']:.2f} |" + (memory if with_memory else "")
+            f"| {row['method']} | {plus_minus(row['last_top1'])} | {plus_minus(row['best_top1'])} | "
+            f"{plus_minus(row['delta_to_baseline'], signed=True)} | {', '.join(map(str, row['best_epoch']))} | "
+            f"{row['epoch_time_s']:.1f} | {row['time_ratio']:.2f} |" + (memory if with_memory else "")
         )
     return "\n".join(lines)
 
@@ -638,25 +681,38 @@ def plot_results(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for row in summary:
-        curves = [[e["top1"] for e in r["history"]] for r in runs if r["method"] == row["method"]]
-        length = min(len(c) for c in curves)
-        epochs = list(range(1, length + 1))
-        columns = [[c[i] for c in curves] for i in range(length)]
-        axis.plot(epochs, [statistics.fmean(c) for c in columns], marker="o", label=row["method"])
-        axis.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.15)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("validation top-1 (%)")
-    axis.legend(fontsize=8 if len(summary) <= 8 else 6)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
+    lines = [
+        (row["method"], [[e["top1"] for e in r["history"]] for r in runs if r["method"] == row["method"]], None)
+        for row in summary
+    ]
+    figure = curves_chart(lines, "epoch", "validation top-1 (%)")
     figure.savefig(out_dir / "curves.png", dpi=100)
     plt.close(figure)
 
     figure = sweep_chart(summary, grid) if grid else bar_chart(summary)
     figure.savefig(out_dir / ("sweep.png" if grid else "bars.png"), dpi=100)
     plt.close(figure)
+
+
+def curves_chart(lines: list[tuple[str, list[list[float]], list[float] | None]], xlabel: str, ylabel: str):
+    """The ``curves.png`` figure: one line per ``(label, curves, x)``, the mean over the curves (one per seed) at each
+    point, with a band from their min to their max; curves are cut to the shortest; ``x``: the points' positions
+    (None: 1, 2, ...)."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for label, curves, x in lines:
+        length = min(len(curve) for curve in curves)
+        xs = list(range(1, length + 1)) if x is None else list(x[:length])
+        columns = [[curve[index] for curve in curves] for index in range(length)]
+        axis.plot(xs, [statistics.fmean(column) for column in columns], marker="o", label=label)
+        axis.fill_between(xs, [min(column) for column in columns], [max(column) for column in columns], alpha=0.15)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.legend(fontsize=8 if len(lines) <= 8 else 6)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
 
 
 def _grid_positions(values: list[str]) -> tuple[list[float], bool]:

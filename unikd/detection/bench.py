@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unikd._errors import UnikdError
+from unikd.bench import curves_chart, lookup_profile, mean_std, plus_minus, reuse_or_train, run_config, run_training
 
 __all__ = ["PROFILES", "DetectionProfile", "Variant", "measure_step_overhead", "run_detection_bench"]
 
@@ -162,13 +163,12 @@ def run_detection_bench(
     """
     import torch
 
-    from unikd.bench import run_training  # the classification engine's cached runs, for the backbones
     from unikd.detection.mosaics import make_mosaics
 
     if threads is not None:
         torch.set_num_threads(threads)
 
-    profile = profile or _get_profile(profile_name)
+    profile = profile or lookup_profile(profile_name, PROFILES, label="PROFILE")
     variants = list(methods or profile.variants)
     unknown = [name for name in variants if name not in profile.variants]
     if unknown:
@@ -262,19 +262,12 @@ def run_detection_bench(
 def run_detection(config: str, overrides: list[str], output_dir: Path, method_section: dict | None = None) -> dict:
     """Train one detection run, unless ``output_dir`` holds it finished with the same config (then return its
     ``final.json``). An interrupted run, or a finished one asked for a longer schedule, resumes; any other config
-    change is refused by the trainer's resume check with the differing keys."""
-    from unikd.config import config_changes
-    from unikd.detection.config import detection_config_to_dict, load_detection_config
+    change is refused by the trainer's resume check with the differing keys (``unikd.bench.reuse_or_train``)."""
+    from unikd.detection.config import load_detection_config
     from unikd.detection.train import train_detector
 
     cfg = _detection_config(config, overrides, output_dir, method_section)
-    final, stored = output_dir / "final.json", output_dir / "config.yaml"
-    if final.is_file() and stored.is_file():
-        previous = load_detection_config(stored, check_files=False)
-        if not config_changes(detection_config_to_dict(previous), detection_config_to_dict(cfg)):
-            return json.loads(final.read_text())
-    started = (output_dir / "last.pt").is_file() or (output_dir / "best.pt").is_file()
-    return train_detector(cfg, resume=started)
+    return reuse_or_train(cfg, output_dir, load_config=load_detection_config, train=train_detector)[0]
 
 
 def measure_step_overhead(configs: dict, steps: int, warmup: int = 2) -> dict[str, dict]:
@@ -338,9 +331,9 @@ def summarize_detection(runs: list[dict], variants: list[str], overhead: dict | 
         row = {"variant": name, "seeds": [run["seed"] for run in variant_runs]}
         for metric in ("bbox_AP", "bbox_AP50", "bbox_AR", "segm_AP", "segm_AR"):
             if metric in variant_runs[0]["last"]:
-                row[metric] = _mean_std([run["last"][metric] for run in variant_runs])
+                row[metric] = mean_std([run["last"][metric] for run in variant_runs])
         deltas = [run["last"]["bbox_AP"] - reference[run["seed"]]["last"]["bbox_AP"] for run in variant_runs]
-        row["delta_bbox_AP"], row["deltas"] = _mean_std(deltas), deltas
+        row["delta_bbox_AP"], row["deltas"] = mean_std(deltas), deltas
         row["train_time_s"] = statistics.fmean(run["train_time_s"] for run in variant_runs)
         if overhead is not None and name in overhead:
             row["step_s"], row["step_ratio"] = overhead[name]["step_s"], overhead[name]["ratio"]
@@ -364,10 +357,10 @@ def markdown_table(results: dict) -> str:
     header += ["train time s", "step ms", "step ratio"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary:
-        cells = [row["variant"], *(_pm(row[key]) for key in ("bbox_AP", "bbox_AP50", "bbox_AR"))]
+        cells = [row["variant"], *(plus_minus(row[key]) for key in ("bbox_AP", "bbox_AP50", "bbox_AR"))]
         if has_masks:
-            cells.append(_pm(row["segm_AP"]))
-        cells.append(f"{row['delta_bbox_AP'][0]:+.2f} +- {row['delta_bbox_AP'][1]:.2f}")
+            cells.append(plus_minus(row["segm_AP"]))
+        cells.append(plus_minus(row["delta_bbox_AP"], signed=True))
         cells.append(f"{row['train_time_s']:.0f}")
         cells += [f"{1000 * row['step_s']:.0f}", f"{row['step_ratio']:.2f}"] if "step_s" in row else ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -382,21 +375,12 @@ def plot_detection_results(runs: list[dict], summary: list[dict], out_dir: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    lines = []
     for row in summary:
-        curves = [
-            [(e["step"], e["bbox_AP"]) for e in run["history"]] for run in runs if run["variant"] == row["variant"]
-        ]
-        length = min(len(curve) for curve in curves)
-        steps = [curves[0][index][0] for index in range(length)]
-        columns = [[curve[index][1] for curve in curves] for index in range(length)]
-        axis.plot(steps, [statistics.fmean(c) for c in columns], marker="o", label=row["variant"])
-        axis.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.15)
-    axis.set_xlabel("training step")
-    axis.set_ylabel("validation box AP (%)")
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
+        histories = [run["history"] for run in runs if run["variant"] == row["variant"]]
+        curves = [[record["bbox_AP"] for record in history] for history in histories]
+        lines.append((row["variant"], curves, [record["step"] for record in histories[0]]))
+    figure = curves_chart(lines, "training step", "validation box AP (%)")
     figure.savefig(out_dir / "curves.png", dpi=100)
     plt.close(figure)
 
@@ -415,16 +399,6 @@ def plot_detection_results(runs: list[dict], summary: list[dict], out_dir: Path)
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _get_profile(name: str) -> DetectionProfile:
-    if name not in PROFILES:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(PROFILES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UnikdError(f"PROFILE: {name!r} is not one of {', '.join(PROFILES)}{hint}")
-    return PROFILES[name]
-
-
 def _run_overrides(
     profile: DetectionProfile, name: str, seed: int, common: list[str], backbones: dict, teacher_checkpoint
 ) -> list[str]:
@@ -439,20 +413,6 @@ def _run_overrides(
 
 
 def _detection_config(config: str, overrides: list[str], output_dir: Path, method_section: dict | None):
-    import yaml
-
-    from unikd.bench import config_path
     from unikd.detection.config import detection_config_from_dict
 
-    raw = yaml.safe_load(config_path(config).read_text()) or {}
-    if method_section is not None:
-        raw["method"] = dict(method_section)
-    return detection_config_from_dict(raw, [*overrides, f"output_dir={output_dir}"])
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _pm(mean_std: tuple[float, float]) -> str:
-    return f"{mean_std[0]:.2f} +- {mean_std[1]:.2f}"
+    return run_config(config, overrides, output_dir, method_section, from_dict=detection_config_from_dict)
