@@ -20,6 +20,7 @@ from unikd.models import (
     feature_dim,
     forward_with_dense_logits,
     forward_with_feature,
+    load_exactly,
     load_state_dict_file,
     load_teacher,
 )
@@ -424,6 +425,23 @@ def test_export_unwraps_ddp_and_compiled_models_and_unikd_checkpoints(tmp_path):
     }
     export_state_dict(checkpoint, tmp_path / "from_ckpt.safetensors")
     assert set(load_state_dict_file(tmp_path / "from_ckpt.safetensors")) == expected  # no weak head
+
+
+def test_load_exactly_lists_every_entry_that_does_not_fit_and_loads_only_a_state_dict_that_fits():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    state_dict = {key: value.clone() for key, value in model.state_dict().items()}
+    fitting = {key: torch.full_like(value, 0.5) for key, value in state_dict.items()}
+    broken = {**fitting, "1.weight": torch.zeros(5, 4), "2.bias": torch.zeros(2)}
+    del broken["0.bias"]
+    with pytest.raises(ModelError) as error:
+        load_exactly(model, broken, "w.pt, loaded into a toy,")
+    assert str(error.value) == (
+        "w.pt, loaded into a toy, does not fit the model: missing entries (1): 0.bias; unexpected entries (1): 2.bias; "
+        "shape mismatches (1): 1.weight: file (5, 4) vs model (2, 4)"
+    )
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state_dict.items())  # untouched
+    load_exactly(model, fitting, "w.pt")
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in fitting.items())
 
 
 def test_failed_export_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):

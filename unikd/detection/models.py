@@ -40,7 +40,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from unikd._errors import ConfigError
 from unikd._serialization import safe_torch_load
-from unikd.models import ModelError, create_model, init_student_from_file, load_state_dict_file
+from unikd.models import ModelError, create_model, init_student_from_file, load_exactly, load_state_dict_file
 
 __all__ = [
     "DETECTORS",
@@ -217,7 +217,7 @@ def load_backbone_weights(
     if grey:  # a grey stem: the same response when R = G = B
         backbone_entries["conv1.weight"] = backbone_entries["conv1.weight"].expand(-1, 3, -1, -1) / 3
     body = IntermediateLayerGetter(classifier, {stage: stage for stage in STAGES})  # the classifier's own modules
-    _load_strictly(body, backbone_entries, f"{source}: {path}")
+    load_exactly(body, backbone_entries, f"{source}: {path}")
     return classifier
 
 
@@ -302,7 +302,7 @@ def load_teacher_detector(teacher_cfg, categories: list[dict], data_cfg) -> nn.M
     detector_cfg = dataclasses.replace(detector_cfg, freeze_bn=True)
     state_dict = {key: value for key, value in state_dict.items() if not key.endswith(".num_batches_tracked")}
     teacher = detector_from_config(detector_cfg, len(categories), data_cfg, load_backbone=False)
-    _load_strictly(teacher, state_dict, f"{key}: {path}, loaded into a {detector_cfg.arch} on {detector_cfg.backbone},")
+    load_exactly(teacher, state_dict, f"{key}: {path}, loaded into a {detector_cfg.arch} on {detector_cfg.backbone},")
     return teacher.eval().requires_grad_(False)
 
 
@@ -322,29 +322,6 @@ def _recorded_detector(recorded: dict, teacher_cfg, path):
             )
     fields = {name: recorded[name] for name in DetectorConfig.__dataclass_fields__ if name in recorded}
     return DetectorConfig(**{**fields, "backbone_weights": None})
-
-
-def _load_strictly(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)``, with one ``ModelError`` that lists every missing, unexpected or mis-shaped
-    entry."""
-    expected = module.state_dict()
-    problems = {
-        "missing entries": [key for key in expected if key not in state_dict],
-        "unexpected entries": [key for key in state_dict if key not in expected],
-        "shape mismatches": [
-            f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
-            for key, value in expected.items()
-            if key in state_dict and state_dict[key].shape != value.shape
-        ],
-    }
-    found = [f"{label} ({len(keys)}): {_listing(keys)}" for label, keys in problems.items() if keys]
-    if found:
-        raise ModelError(f"{source} does not fit the model: {'; '.join(found)}")
-    module.load_state_dict(state_dict, strict=True)
-
-
-def _listing(keys: list[str], shown: int = 8) -> str:
-    return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
 
 
 def _category_names(categories: list[dict]) -> list[str]:

@@ -13,6 +13,7 @@ field's weight files safely in every layout they come in.
 from unikd.models._checkpoint import (
     export_state_dict,
     init_student_from_file,
+    load_exactly,
     load_model_weights,
     load_state_dict_file,
     load_teacher,
@@ -38,6 +39,7 @@ __all__ = [
     "forward_with_feature",
     "init_student_from_file",
     "list_models",
+    "load_exactly",
     "load_model_weights",
     "load_state_dict_file",
     "load_teacher",

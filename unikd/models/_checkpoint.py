@@ -8,6 +8,7 @@ mmpretrain / cls_KD layouts, detected or named by ``layout``). Each loader says 
     teacher = load_teacher("cifar/resnet32x4", 100, "cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth")
     model, report = load_model_weights("mdistiller/ResNet50", 100, "student_best")          # evaluation
     report = init_student_from_file(student, "cifar/resnet8x4", "pretrained.pth")           # fine-tuning
+    load_exactly(module, state_dict, "backbone.pt")   # already in the module's key names: every entry must fit
     export_state_dict(model, "model.safetensors", metadata={"model_name": "cifar/resnet8x4", "num_classes": 100})
 """
 
@@ -42,6 +43,25 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The weights stored at ``path`` as they are named there (any container and serialisation; wrapper prefixes
     stripped; no layout conversion), on the CPU."""
     return strip_wrapper_prefixes(find_state_dict(read_weights_file(path), str(path))[0])
+
+
+def load_exactly(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(state_dict, strict=True)``, or one ``ModelError`` that starts with ``source`` (what
+    the weights are and where they come from) and lists every missing, unexpected and mis-shaped entry."""
+    expected = module.state_dict()
+    problems = {
+        "missing entries": [key for key in expected if key not in state_dict],
+        "unexpected entries": [key for key in state_dict if key not in expected],
+        "shape mismatches": [
+            f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
+            for key, value in expected.items()
+            if key in state_dict and state_dict[key].shape != value.shape
+        ],
+    }
+    found = [f"{label} ({len(keys)}): {listing(keys)}" for label, keys in problems.items() if keys]
+    if found:
+        raise ModelError(f"{source} does not fit the model: {'; '.join(found)}")
+    module.load_state_dict(state_dict, strict=True)
 
 
 def _shape_problems(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
