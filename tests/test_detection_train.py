@@ -227,6 +227,18 @@ def test_a_non_finite_model_state_is_never_saved(tmp_path, mosaics_root, monkeyp
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_a_checkpoint_whose_weights_do_not_fit_its_detector_is_one_line(tmp_path, teacher_checkpoint):  # noqa: F811
+    checkpoint = load_checkpoint(teacher_checkpoint)
+    del checkpoint["model"]["roi_heads.box_predictor.cls_score.bias"]
+    torch.save(checkpoint, tmp_path / "edited.pt")
+    with pytest.raises(UnikdError) as error:
+        evaluate_detection_checkpoint(tmp_path / "edited.pt", ["train.device=cpu"])
+    assert str(error.value).startswith(
+        f"{tmp_path / 'edited.pt'}: its weights do not fit its model_name faster_rcnn/timm/resnet18 with 10 classes "
+        '(Missing key(s) in state_dict: "roi_heads.box_predictor.cls_score.bias"'
+    )
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path, mosaics_root):  # noqa: F811
     with pytest.raises(UnikdError) as error:
         train_detector(tiny_config(mosaics_root, tmp_path / "none"), resume=True)

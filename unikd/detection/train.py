@@ -49,6 +49,7 @@ from unikd._checkpoint import (
     MODEL_ENTRIES,
     capture_rng_state,
     load_checkpoint,
+    load_student_weights,
     non_finite_state,
     restore_rng_state,
 )
@@ -302,7 +303,7 @@ def _restore(run: _Run, checkpoint: dict) -> None:
             f"schedule.length: {run.cfg.schedule.length} {run.cfg.schedule.unit}s is fewer than the "
             f"{checkpoint['step']} steps the run in {run.output_dir} has trained; pass a larger schedule.length"
         )
-    run.student.load_state_dict(checkpoint["model"])
+    load_student_weights(run.student, checkpoint, run.output_dir / LAST)
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
@@ -464,7 +465,7 @@ def evaluate_detection_checkpoint(path: str | os.PathLike, overrides: list[str] 
             f"{cfg.data.val_annotations} ({data.num_classes}); pass the validation set of its dataset (data.root=...)"
         )
     student = detector_from_config(cfg.model.student, data.num_classes, cfg.data, load_backbone=False)
-    student.load_state_dict(checkpoint["model"])
+    load_student_weights(student, checkpoint, path)
     loader = _val_loader(cfg, data, DistInfo(), device)
     try:
         return evaluate_detector(
