@@ -220,10 +220,9 @@ def soft_labels_from_checkpoint(
     from unikd._checkpoint import load_checkpoint
     from unikd._errors import UnikdError
     from unikd.config import config_for_checkpoint
-    from unikd.data import build_datasets
     from unikd.methods import METHODS, create_method
     from unikd.models import feature_dim
-    from unikd.train import student_from_checkpoint
+    from unikd.train import student_for_evaluation
 
     if num_images < 1:
         raise UnikdError(f"--num-images: must be at least 1, got {num_images}")
@@ -240,8 +239,7 @@ def soft_labels_from_checkpoint(
             f"{checkpoint}: this USKD run had no weak head (method.beta=0, method.mu=0), so it trained no non-target "
             "soft labels to show"
         )
-    bundle = build_datasets(cfg.data, with_train=False)
-    student = student_from_checkpoint(state, cfg, bundle, checkpoint)
+    bundle, student = student_for_evaluation(state, cfg, checkpoint)
     dim = feature_dim(student, cfg.model.feature_layer) if student_output is not None else None
     method = create_method("uskd", state["num_classes"], dim, **params)
     method.load_state_dict(state["method"])
@@ -273,18 +271,10 @@ def _soft_target_model(source: str, state: dict, cfg, bundle, checkpoint: str | 
     """The model whose target probability a ``teacher_source`` run trained on: the EMA copy of the student saved in
     the checkpoint, or the teacher the overrides name."""
     from unikd._errors import UnikdError
-    from unikd.models import create_model, load_model_weights
-    from unikd.train import student_from_checkpoint
+    from unikd.train import student_from_checkpoint, teacher_from_config
 
     if source == "ema":
         if "ema" not in state:
             raise UnikdError(f"{checkpoint}: a target_soft_label=ema run, but the checkpoint holds no EMA weights")
         return student_from_checkpoint({**state, "model": state["ema"]}, cfg, bundle, checkpoint)
-    kwargs = {"in_chans": bundle.in_chans, **cfg.model.teacher_kwargs}
-    if cfg.model.teacher_checkpoint is None:  # teacher_kwargs.pretrained: timm's / torchvision's download
-        return create_model(cfg.model.teacher, bundle.num_classes, **kwargs)
-    teacher, _ = load_model_weights(
-        cfg.model.teacher, bundle.num_classes, cfg.model.teacher_checkpoint, layout=cfg.model.teacher_format,
-        role="teacher", **kwargs,
-    )  # fmt: skip
-    return teacher
+    return teacher_from_config(cfg.model, bundle.num_classes, bundle.in_chans)[0]

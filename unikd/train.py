@@ -116,6 +116,7 @@ from unikd._rundir import (
 from unikd.config import (
     SAFE_TO_CHANGE_ON_RESUME,
     Config,
+    ModelConfig,
     check_teacher_num_classes,
     config_for_checkpoint,
     config_for_weights,
@@ -133,7 +134,9 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_weights",
     "optimizer_step",
+    "student_for_evaluation",
     "student_from_checkpoint",
+    "teacher_from_config",
     "train",
 ]
 
@@ -363,16 +366,7 @@ def _build_models(cfg: Config, bundle: DataBundle, device: torch.device, *, init
         weights["student"] = report.describe() + _reuse_weak_head(method, report)
     teacher = None
     if method.teacher_source == "checkpoint":
-        teacher_kwargs = {"in_chans": bundle.in_chans, **model_cfg.teacher_kwargs}
-        if model_cfg.teacher_checkpoint is None:  # teacher_kwargs.pretrained: timm's / torchvision's download
-            teacher = create_model(model_cfg.teacher, num_classes, **teacher_kwargs)
-            weights["teacher"] = f"{model_cfg.teacher}: pretrained weights (timm / torchvision)"
-        else:
-            teacher, teacher_report = load_model_weights(
-                model_cfg.teacher, num_classes, model_cfg.teacher_checkpoint, layout=model_cfg.teacher_format,
-                role="teacher", **teacher_kwargs,
-            )  # fmt: skip
-            weights["teacher"] = teacher_report.describe()
+        teacher, weights["teacher"] = teacher_from_config(model_cfg, num_classes, bundle.in_chans)
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         # Frozen either way: no gradient, no optimizer. teacher_mode=train only lets its BatchNorm normalise with the
         # batch's statistics (and update its running ones), as cls_KD's ImageNet runs left it.
@@ -737,6 +731,29 @@ def student_from_checkpoint(checkpoint: dict, cfg: Config, bundle: DataBundle, s
     return student
 
 
+def teacher_from_config(model_cfg: ModelConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, str]:
+    """The teacher ``model_cfg`` names, for ``num_classes`` classes of ``in_chans``-channel images, and one line on
+    what was read: ``model.teacher_checkpoint`` in any layout ``unikd.models`` reads (``model.teacher_format``), or
+    without it timm's / torchvision's pretrained weights (``model.teacher_kwargs.pretrained``). Not frozen yet."""
+    kwargs = {"in_chans": in_chans, **model_cfg.teacher_kwargs}
+    if model_cfg.teacher_checkpoint is None:  # teacher_kwargs.pretrained: timm's / torchvision's download
+        teacher = create_model(model_cfg.teacher, num_classes, **kwargs)
+        return teacher, f"{model_cfg.teacher}: pretrained weights (timm / torchvision)"
+    teacher, report = load_model_weights(
+        model_cfg.teacher, num_classes, model_cfg.teacher_checkpoint, layout=model_cfg.teacher_format,
+        role="teacher", **kwargs,
+    )  # fmt: skip
+    return teacher, report.describe()
+
+
+def student_for_evaluation(checkpoint: dict, cfg: Config, source: str | os.PathLike) -> tuple[DataBundle, nn.Module]:
+    """The validation data of ``cfg`` and the student of the training checkpoint ``checkpoint`` (read from
+    ``source``) rebuilt for it: what ``unikd eval`` and ``unikd softlabels`` score, ``cfg`` being the checkpoint's
+    ``config.config_for_checkpoint``."""
+    bundle = build_datasets(cfg.data, with_train=False)
+    return bundle, student_from_checkpoint(checkpoint, cfg, bundle, source)
+
+
 def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     """Rebuild the student saved in the training checkpoint ``path`` and score it on the whole validation set.
 
@@ -747,8 +764,7 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] = ()) -> d
     """
     checkpoint = load_checkpoint(path)
     cfg = config_for_checkpoint(checkpoint["config"], overrides)
-    bundle = build_datasets(cfg.data, with_train=False)
-    student = student_from_checkpoint(checkpoint, cfg, bundle, path)
+    bundle, student = student_for_evaluation(checkpoint, cfg, path)
     return {**_evaluate_on(student, cfg, bundle), "model_name": checkpoint["model_name"]}
 
 
