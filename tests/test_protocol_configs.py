@@ -119,6 +119,13 @@ def test_recipes_that_follow_the_released_configs():
         activations = {type(module).__name__ for module in model.modules() if "ReLU" in type(module).__name__}
         assert activations == {"ReLU"}, name
         assert "lacks" not in comment_block(REPO / f"configs/{name}.yaml")
+    # cls_KD's distiller leaves its ImageNet teachers in train mode (the configs' headers cite the files); the CIFAR
+    # pairs follow mdistiller / CRD, whose teachers run in eval mode.
+    for path in REPO.glob("configs/imagenet_kd_*.yaml"):
+        assert load_config(path, check_files=False).model.teacher_mode == "train", path.name
+        assert "classification_distiller.py" in comment_block(path) and "parameter names" not in comment_block(path)
+    for path in REPO.glob("configs/cifar100_kd_*.yaml"):
+        assert load_config(path, check_files=False).model.teacher_mode == "eval", path.name
     cifar = load_config(REPO / "configs/cifar100_selfkd_resnet18.yaml", check_files=False)
     assert (cifar.train.batch_size, cifar.method.params["batch_mean_group"]) == (128, 16)
     swin = load_config(REPO / "configs/imagenet_selfkd_swin_tiny.yaml", check_files=False)
