@@ -91,13 +91,7 @@ class DetectionData:
 def build_detection_data(data_cfg: DetectionDataConfig, *, masks: bool = False, train: bool = True) -> DetectionData:
     """The training and validation sets of ``data_cfg`` (``masks``: targets carry instance masks; ``train=False``:
     the validation split only, ``DetectionData.train`` is None)."""
-    val = read_coco_annotations(
-        resolve_path(data_cfg, data_cfg.val_annotations),
-        resolve_path(data_cfg, data_cfg.val_images),
-        key="data.val_annotations",
-        invalid_boxes=data_cfg.invalid_boxes,
-        need_masks=masks,
-    )
+    val = _read_split(data_cfg, "val", masks)
     category_to_label = {category["id"]: label for label, category in enumerate(val.categories, start=1)}
     val_ids = _subset(sorted(image["id"] for image in val.dataset["images"]), data_cfg.val_subset)
     val_transforms = v2.Compose(
@@ -117,14 +111,19 @@ def build_detection_data(data_cfg: DetectionDataConfig, *, masks: bool = False, 
     )
 
 
-def _train_set(data_cfg: DetectionDataConfig, masks: bool, val: CocoAnnotations) -> Dataset:
-    train = read_coco_annotations(
-        resolve_path(data_cfg, data_cfg.train_annotations),
-        resolve_path(data_cfg, data_cfg.train_images),
-        key="data.train_annotations",
+def _read_split(data_cfg: DetectionDataConfig, split: str, masks: bool) -> CocoAnnotations:
+    """The annotations of ``split`` ("train" or "val"): ``data.<split>_annotations`` and ``data.<split>_images``."""
+    return read_coco_annotations(
+        resolve_path(data_cfg, getattr(data_cfg, f"{split}_annotations")),
+        resolve_path(data_cfg, getattr(data_cfg, f"{split}_images")),
+        key=f"data.{split}_annotations",
         invalid_boxes=data_cfg.invalid_boxes,
         need_masks=masks,
     )
+
+
+def _train_set(data_cfg: DetectionDataConfig, masks: bool, val: CocoAnnotations) -> Dataset:
+    train = _read_split(data_cfg, "train", masks)
     if train.categories != val.categories:
         raise UnikdError(
             f"data.val_annotations: {val.path} has the categories {_describe_categories(val.categories)}, but "
