@@ -9,15 +9,15 @@
     unikd bench PROFILE [key=value ...] --out DIR [--methods M ...] [--seeds S ...] [--grid KEY=V1,V2,...]
     unikd detect {train,eval,export,config,mosaics,bench} ...   (unikd.detection.cli)
 
-Each subcommand is one ``_<name>`` function taking the parsed arguments plus one ``add_parser`` block in
-``build_parser``. Exit status: 0 on success; 2 with ``unikd: error: <message>`` on one line and no traceback for a
-user error (``UnikdError``, a file that is missing or may not be read or written); 130 on Ctrl-C, 143 on SIGTERM.
-Anything else is a bug and keeps its traceback.
+Each subcommand is one ``_<name>`` function taking the parsed arguments plus one block in ``build_parser`` (an
+``add_parser``, or one of the builders below). Exit status: 0 on success; 2 with ``unikd: error: <message>`` on one
+line and no traceback for a user error (``UnikdError``, a file that is missing or may not be read or written); 130
+on Ctrl-C, 143 on SIGTERM. Anything else is a bug and keeps its traceback.
 
 The pieces another command group builds on (``unikd.detection.cli``): ``add_train_command``, ``add_eval_command``,
-``add_export_command`` and ``add_config_command`` (the four subcommands every task has, their arguments and help in
-one place), ``data_overrides`` (``--data ROOT`` as ``data.root=ROOT``), ``checkpoint_to_export``, and
-``run_command`` (the exit codes above, warnings on one line).
+``add_export_command``, ``add_config_command`` and ``add_bench_command`` (the subcommands every task has, their
+arguments and help in one place), ``data_overrides`` (``--data ROOT`` as ``data.root=ROOT``),
+``checkpoint_to_export``, and ``run_command`` (the exit codes above, warnings on one line).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ _OVERRIDES_HELP = "config overrides, e.g. train.epochs=5 optim.lr=0.05 schedule.
 
 __all__ = [
     "EXPORT_SUFFIXES",
+    "add_bench_command",
     "add_config_command",
     "add_eval_command",
     "add_export_command",
@@ -194,22 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from unikd.bench import PROFILES  # no torch: the profiles are plain data
 
-    bench = commands.add_parser(
-        "bench",
+    bench = add_bench_command(
+        commands,
+        _bench,
         help="train methods side by side over paired seeds, or sweep a key",
         description="Train the methods of a profile over N paired seeds (resumable) and write results.json, "
         "results.md, curves.png and bars.png (with --grid: sweep.png, top-1 against the swept values). Profiles: "
         f"{', '.join(PROFILES)}.",
+        profile_example="fmnist-cpu",
+        methods_help="a subset of the profile's methods, or variants of them: 'uskd[rank=weak]' (quote the brackets)",
+        overrides_help="overrides applied to every run",
     )
-    bench.add_argument("profile", metavar="PROFILE", help="benchmark profile, e.g. fmnist-cpu")
-    bench.add_argument("--out", required=True, metavar="DIR", help="output folder (a rerun continues it)")
-    bench.add_argument(
-        "--methods",
-        nargs="+",
-        metavar="METHOD",
-        help="a subset of the profile's methods, or variants of them: 'uskd[rank=weak]' (quote the brackets)",
-    )
-    bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the profile's)")
     bench.add_argument(
         "--grid",
         action="append",
@@ -217,8 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep a config key over values (repeat for the product), e.g. method.alpha=0.6,0.8,1.0; method.* keys "
         "skip the baseline (trained once per seed); replaces a sweep profile's own grid",
     )
-    bench.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
-    bench.set_defaults(func=_bench)
 
     from unikd.detection.cli import add_commands as add_detection_commands
 
@@ -347,6 +341,28 @@ def add_config_command(
     config.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     config.set_defaults(func=handler)
     return config
+
+
+def add_bench_command(
+    commands: argparse._SubParsersAction,
+    handler: Callable[[argparse.Namespace], None],
+    *,
+    help: str,
+    description: str,
+    profile_example: str,
+    methods_help: str,
+    overrides_help: str,
+) -> argparse.ArgumentParser:
+    """``bench PROFILE --out DIR [--methods M ...] [--seeds S ...] [key=value ...]``, run by ``handler``; the caller
+    may add options."""
+    bench = commands.add_parser("bench", help=help, description=description)
+    bench.add_argument("profile", metavar="PROFILE", help=f"benchmark profile, e.g. {profile_example}")
+    bench.add_argument("--out", required=True, metavar="DIR", help="output folder (a rerun continues it)")
+    bench.add_argument("--methods", nargs="+", metavar="METHOD", help=methods_help)
+    bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the profile's)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    bench.set_defaults(func=handler)
+    return bench
 
 
 def data_overrides(args: argparse.Namespace) -> list[str]:

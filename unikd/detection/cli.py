@@ -25,6 +25,7 @@ from pathlib import Path
 
 from unikd._errors import UnikdError
 from unikd.cli import (
+    add_bench_command,
     add_config_command,
     add_eval_command,
     add_export_command,
@@ -152,22 +153,22 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     mosaics.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
     mosaics.set_defaults(func=_mosaics)
 
-    bench = commands.add_parser(
-        "bench",
+    from unikd.detection.bench import PROFILES  # no torch: the profiles are plain data
+
+    bench = add_bench_command(
+        commands,
+        _bench,
         help="train detection methods side by side over paired seeds",
         description="Train the methods of a detection profile over paired seeds (resumable), measure the step-time "
-        "overhead of each distillation term, and write results.json, results.md and plots. Profiles: mosaics-cpu, "
-        "mosaics-smoke, mosaics-uskd-backbone.",
+        f"overhead of each distillation term, and write results.json, results.md and plots. Profiles: "
+        f"{', '.join(PROFILES)}.",
+        profile_example="mosaics-cpu",
+        methods_help="a subset of the profile's methods",
+        overrides_help="overrides applied to every detection run",
     )
-    bench.add_argument("profile", metavar="PROFILE", help="benchmark profile, e.g. mosaics-cpu")
-    bench.add_argument("--out", required=True, metavar="DIR", help="output folder (a rerun continues it)")
-    bench.add_argument("--methods", nargs="+", metavar="METHOD", help="a subset of the profile's methods")
-    bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the profile's)")
     bench.add_argument(
         "--threads", type=int, metavar="N", help="torch threads (default: torch's; 1 on a machine others share)"
     )
-    bench.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every detection run")
-    bench.set_defaults(func=_bench)
     return detect
 
 
