@@ -222,8 +222,8 @@ def check_resume_config(
     safe = tuple(safe)
     with warnings.catch_warnings():  # the stored config's own warnings were shown when it was first loaded
         warnings.simplefilter("ignore")
-        stored = config_to_dict(from_dict(stored, check_files=False))
-    changes = config_changes(stored, config_to_dict(cfg))
+        resolved = config_to_dict(from_dict(stored, check_files=False))
+    changes = config_changes(resolved, config_to_dict(cfg))
     refused = {key: change for key, change in changes.items() if key not in safe}
     if refused:
         listing = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
