@@ -25,6 +25,7 @@ from pathlib import Path
 from unikd._errors import ConfigError
 from unikd.config import (
     MODEL_PREFIXES,
+    MethodConfig,
     OptimConfig,
     build_config,
     config_to_dict,
@@ -65,7 +66,6 @@ __all__ = [
     "TASK",
     "DetectionConfig",
     "DetectionDataConfig",
-    "DetectionMethodConfig",
     "DetectionModelConfig",
     "DetectionOptimConfig",
     "DetectionScheduleConfig",
@@ -133,12 +133,6 @@ class DetectionModelConfig:
 
 
 @dataclass
-class DetectionMethodConfig:
-    name: str = "baseline"
-    params: dict = field(default_factory=dict)  # every hyper-parameter of the method, resolved
-
-
-@dataclass
 class DetectionOptimConfig(OptimConfig):
     # MMDetection's Faster/Mask R-CNN recipe: SGD lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4 everywhere.
     lr: float = option(0.02, positive=True)
@@ -177,7 +171,7 @@ class DetectionConfig:
     task: str = option(TASK, choices=(TASK,))
     data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     model: DetectionModelConfig = field(default_factory=DetectionModelConfig)
-    method: DetectionMethodConfig = field(default_factory=DetectionMethodConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     optim: DetectionOptimConfig = field(default_factory=DetectionOptimConfig)
     schedule: DetectionScheduleConfig = field(default_factory=DetectionScheduleConfig)
     train: DetectionTrainConfig = field(default_factory=DetectionTrainConfig)
@@ -229,17 +223,17 @@ def resolve_path(data_cfg: DetectionDataConfig, relative: str) -> Path:
 # ---- validation -------------------------------------------------------------------------------------------------
 
 
-def _method_config(raw: dict) -> DetectionMethodConfig:
+def _method_config(raw: dict) -> MethodConfig:
     name, params = parse_method_section(
         raw,
         methods=DISTILLATION_METHODS,
-        default=DetectionMethodConfig.name,
+        default=MethodConfig.name,
         defaults_of=method_defaults,
         types_of=lambda name: {key: type(value) for key, value in method_defaults(name).items()},
     )
     if params.get("rois", "all") not in ("all", "foreground"):
         raise ConfigError(not_one_of("method.rois", params["rois"], ("all", "foreground")))
-    return DetectionMethodConfig(name=name, params=params)
+    return MethodConfig(name=name, params=params)
 
 
 def _check_data(cfg: DetectionConfig, *, check_files: bool) -> None:
