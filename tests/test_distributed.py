@@ -1,5 +1,8 @@
 """DDP on CPU (gloo): 2 processes give the weights of 1 process with the same global batch; device/rank helpers.
 
+The ranks' shares of each step, augmented as a function of (seed, epoch, sample index) (unikd._sampling), are the
+one-process batch: the weights can only agree if both runs trained on the same augmented images.
+
 The equality needs per-sample losses and a model without BatchNorm (per-rank batch statistics differ from
 full-batch ones), so it uses a one-block ViT and USKD with the EMA soft target (Table 15's S2, per sample, where the
 default target term takes a batch mean): its weak head trains under DDP, and each rank's EMA copy of the student,
@@ -30,7 +33,7 @@ TINY_VIT = [
     "data.img_size=8",
     "data.train_subset=64",
     "data.val_subset=20",
-    "data.augment=none",
+    "data.augment=default",  # per-sample random crops and flips: the same whichever rank draws them
     "data.num_workers=0",
     "model.student=timm/vit_tiny_patch16_224",
     "model.student_kwargs={img_size: 8, patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}",

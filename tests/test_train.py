@@ -166,6 +166,34 @@ def test_same_seed_gives_the_same_student_init_and_data_order_across_methods(tmp
     assert torch.equal(first_batches["baseline"], first_batches["uskd"])
 
 
+def record_batches(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Replace the engine's ``_train_step`` with one that records each step's (images, target) first."""
+    real, batches = unikd.train._train_step, []
+
+    def recording(run, images, target, *args, **kwargs):
+        batches.append((images.clone(), target.clone()))
+        return real(run, images, target, *args, **kwargs)
+
+    monkeypatch.setattr(unikd.train, "_train_step", recording)
+    return batches
+
+
+def test_the_same_batches_whatever_the_number_of_data_workers(tmp_path, monkeypatch):
+    # Random crops and flips per sample, MixUp/CutMix per batch: every draw is a function of (seed, epoch, key).
+    overrides = ("data.augment=default", "data.mixup=0.8", "data.cutmix=1.0", "train.max_steps_per_epoch=2")
+    seen = {}
+    for workers in (0, 1, 2):
+        monkeypatch.undo()
+        batches = record_batches(monkeypatch)
+        train(tiny_config(tmp_path / f"workers{workers}", f"data.num_workers={workers}", *overrides))
+        seen[workers] = batches
+    assert len(seen[0]) == 4 and seen[0][0][1].shape == (8, 10)  # 2 epochs x 2 steps; mixed (N, C) targets
+    for workers in (1, 2):
+        for (images, target), (images_0, target_0) in zip(seen[workers], seen[0], strict=True):
+            assert torch.equal(images, images_0) and torch.equal(target, target_0)
+    assert not torch.equal(seen[0][0][0], seen[0][2][0])  # another epoch, other crops and order
+
+
 # ---- resume ------------------------------------------------------------------------------------------------------
 
 
@@ -184,12 +212,13 @@ def straight_run(tmp_path_factory) -> tuple[dict, Path]:
     return train(tiny_config(run, *RESUME_OVERRIDES)), run
 
 
-@pytest.mark.parametrize("interrupt_at_step", [3, STEPS_PER_EPOCH, 6])
+# The straight run has no data workers; the interrupted and resumed one may have two: the same result.
+@pytest.mark.parametrize(("interrupt_at_step", "workers"), [(3, 0), (STEPS_PER_EPOCH, 0), (6, 0), (3, 2)])
 def test_interrupt_then_resume_is_bit_identical_to_a_straight_run(
-    tmp_path, monkeypatch, straight_run, interrupt_at_step
+    tmp_path, monkeypatch, straight_run, interrupt_at_step, workers
 ):
     straight, straight_dir = straight_run
-    overrides = RESUME_OVERRIDES
+    overrides = (*RESUME_OVERRIDES, f"data.num_workers={workers}")
 
     def interrupt(call, output):
         if call == interrupt_at_step:

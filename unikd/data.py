@@ -60,9 +60,11 @@ __all__ = [
     "DataBundle",
     "MixCollate",
     "build_datasets",
+    "build_mix",
     "build_mix_collate",
     "build_transform",
     "dataset_root",
+    "mix_description",
     "read_rgb_image",
 ]
 
@@ -207,10 +209,11 @@ class MixCollate:
         return self.mix(images, target)
 
 
-def build_mix_collate(data_cfg: DataConfig, num_classes: int) -> MixCollate | None:
-    """A collate function applying MixUp (``data.mixup`` alpha) and/or CutMix (``data.cutmix`` alpha), one of the two
-    chosen at random per batch when both are on; ``None`` when both are 0. Targets become (N, C) rows summing to 1.
-    """
+def build_mix(data_cfg: DataConfig, num_classes: int) -> Callable | None:
+    """MixUp (``data.mixup`` alpha) and/or CutMix (``data.cutmix`` alpha) as one ``(images, target) -> (images,
+    target)`` callable, one of the two chosen at random per batch when both are on; ``None`` when both are 0. Targets
+    become (N, C) rows summing to 1. The trainer applies it per batch under seeded generators
+    (``unikd._sampling.KeyedCollate``)."""
     mixes = []
     if data_cfg.mixup > 0:
         mixes.append(v2.MixUp(alpha=data_cfg.mixup, num_classes=num_classes))
@@ -218,7 +221,21 @@ def build_mix_collate(data_cfg: DataConfig, num_classes: int) -> MixCollate | No
         mixes.append(v2.CutMix(alpha=data_cfg.cutmix, num_classes=num_classes))
     if not mixes:
         return None
-    return MixCollate(mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes))
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+def mix_description(data_cfg: DataConfig) -> str | None:
+    """MixUp/CutMix in words (``"mixup=0.8 cutmix=1.0"``), for the teacher cache's data fingerprint; None when off."""
+    if data_cfg.mixup <= 0 and data_cfg.cutmix <= 0:
+        return None
+    return f"mixup={data_cfg.mixup!r} cutmix={data_cfg.cutmix!r}"
+
+
+def build_mix_collate(data_cfg: DataConfig, num_classes: int) -> MixCollate | None:
+    """``build_mix`` as a collate function (``default_collate`` then the mix, drawn from the global generators);
+    ``None`` when MixUp and CutMix are off."""
+    mix = build_mix(data_cfg, num_classes)
+    return None if mix is None else MixCollate(mix)
 
 
 def _subset(dataset: Dataset, size: int | None) -> Dataset:

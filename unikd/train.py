@@ -29,7 +29,10 @@ mode, updated after every optimizer step on every rank, saved as ``ckpt["ema"]``
 
 Determinism: the same ``train.seed`` gives the same student initialisation and the same data order whatever the
 method (the student is built right after seeding, before the method; each epoch's order is a function of
-(seed, epoch)), which pairs runs across methods. ``train.deterministic`` also asks torch for deterministic kernels.
+(seed, epoch)), which pairs runs across methods. The training images are augmented as a function of (seed, epoch,
+sample index) and MixUp/CutMix drawn as one of (seed, epoch, batch index, rank) (unikd._sampling), so the batches do
+not depend on the number of data workers, ranks or the resume point. ``train.deterministic`` also asks torch for
+deterministic kernels.
 
 Interrupts: the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current training step (one that
 arrives during evaluation takes effect at the next step; all ranks agree on the step); it saves a resumable
@@ -39,9 +42,8 @@ image (``DataError``) stops the run the same way, after saving, so that it conti
 
 Resume: ``--resume`` (``train(cfg, resume=True)``) continues from ``last.pt``. The config must be the run's own,
 except for ``config.SAFE_TO_CHANGE_ON_RESUME`` (each change is printed and recorded in metrics.jsonl), and the
-dataset must have as many images as before. On CPU with ``data.num_workers=0`` the resumed run is bit-identical to
-an uninterrupted one; with data workers the data order is identical but the workers' augmentation randomness is
-re-seeded.
+dataset must have as many images as before. On CPU the resumed run is bit-identical to an uninterrupted one, with
+or without data workers (nothing is loaded or drawn for the batches of the epoch already trained).
 
 Distributed: under torchrun each rank takes ``train.batch_size / world_size`` images per step; the student and the
 method are wrapped in DDP (the frozen teacher is not); metrics are all-reduced and only rank 0 writes files. Plain
@@ -58,7 +60,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -78,7 +79,6 @@ from unikd._checkpoint import (
 from unikd._distributed import DistInfo, all_reduce, init_distributed, resolve_device
 from unikd._engine import (
     AMP_DTYPES,
-    EpochSampler,
     StopRequest,
     check_resume_config,
     check_run_settings,
@@ -96,7 +96,7 @@ from unikd._engine import (
     run_directory,
     seed_everything,
     stop_data_workers,
-    training_loader,
+    worker_kwargs,
     wrap_ddp,
 )
 from unikd._errors import DataError, UnikdError
@@ -113,6 +113,7 @@ from unikd._rundir import (
     write_json,
     write_text,
 )
+from unikd._sampling import EpochBatchSampler, keyed_loader
 from unikd.config import (
     SAFE_TO_CHANGE_ON_RESUME,
     Config,
@@ -124,7 +125,7 @@ from unikd.config import (
     config_to_dict,
     dump_config,
 )
-from unikd.data import DataBundle, build_datasets, build_mix_collate
+from unikd.data import DataBundle, build_datasets, build_mix
 from unikd.methods import METHODS, Method, create_method, forward_student
 from unikd.models import create_model, feature_dim, init_student_from_file, load_model_weights
 
@@ -174,7 +175,7 @@ class _Run:
     output_dir: Path
     bundle: DataBundle
     train_loader: DataLoader
-    train_sampler: EpochSampler
+    train_sampler: EpochBatchSampler
     val_loader: DataLoader
     steps_per_epoch: int
     student: nn.Module
@@ -260,9 +261,10 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
     check_teacher_num_classes(cfg.model, bundle.num_classes)
     if checkpoint is not None:
         _check_same_data(checkpoint, bundle, output_dir)
-    train_loader, train_sampler = _train_loader(cfg, bundle.train, bundle.num_classes, dist_info, device)
+    train_loader = _train_loader(cfg, bundle.train, bundle.num_classes, dist_info, device)
+    train_sampler = train_loader.batch_sampler
     val_loader = _eval_loader(cfg, bundle.val, dist_info, device)
-    steps_per_epoch = min(len(train_loader), cfg.train.max_steps_per_epoch or len(train_loader))
+    steps_per_epoch = train_sampler.num_batches
     if steps_per_epoch == 0:
         raise UnikdError(
             f"train.batch_size: {cfg.train.batch_size} is larger than the training set ({len(bundle.train)} images); "
@@ -488,7 +490,7 @@ def _train_epoch(run: _Run, epoch: int, stop: StopRequest) -> _EpochStats:
     cfg, steps_per_epoch = run.cfg, run.steps_per_epoch
     batches_done = run.step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
     run.train_sampler.set_epoch(epoch)
-    run.train_sampler.start = batches_done * (cfg.train.batch_size // run.dist.world_size)
+    run.train_sampler.start_batch = batches_done  # nothing is loaded, nor drawn, for the batches already trained
     time_before = run.metrics["epoch_train_time_s"] if batches_done else 0.0
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -500,7 +502,7 @@ def _train_epoch(run: _Run, epoch: int, stop: StopRequest) -> _EpochStats:
     batches = iter(run.train_loader)
     for batch_index in range(batches_done, steps_per_epoch):
         try:
-            images, target = next(batches)
+            images, target, _keys = next(batches)  # keys: (N, 4) int64 (epoch, batch, slot, index)
         except DataError as error:
             bar.close()
             if run.dist.is_distributed:  # torchrun stops the other ranks
@@ -809,14 +811,14 @@ def _eval_transform(cfg: Config) -> str:
 # ---- helpers -----------------------------------------------------------------------------------------------------
 
 
-def _train_loader(
-    cfg: Config, dataset, num_classes: int, dist_info: DistInfo, device: torch.device
-) -> tuple[DataLoader, EpochSampler]:
-    # The loader's generator only seeds data workers (their augmentation randomness): different per rank.
-    worker_seed = int(np.random.SeedSequence([cfg.train.seed, dist_info.rank]).generate_state(1)[0])
-    return training_loader(
-        dataset, cfg.data, cfg.train.batch_size, seed=cfg.train.seed, generator_seed=worker_seed,
-        collate_fn=build_mix_collate(cfg.data, num_classes), dist_info=dist_info, device=device,
+def _train_loader(cfg: Config, dataset, num_classes: int, dist_info: DistInfo, device: torch.device) -> DataLoader:
+    """This rank's share of each global batch, augmented as a function of (seed, epoch, sample index) and mixed as
+    one of (seed, epoch, batch index, rank) (unikd._sampling): the same images whatever the data workers, ranks or
+    resume point. Yields ``(images, target, keys)``; ``loader.batch_sampler`` is the ``EpochBatchSampler``."""
+    return keyed_loader(
+        dataset, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=dist_info.rank,
+        world_size=dist_info.world_size, mix=build_mix(cfg.data, num_classes),
+        max_batches=cfg.train.max_steps_per_epoch, **worker_kwargs(cfg.data, device),
     )  # fmt: skip
 
 
