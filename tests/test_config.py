@@ -163,7 +163,7 @@ def test_every_method_loads_with_its_defaults():
             ["train.zzz=1"],
             "train.zzz: unknown key (valid keys: amp, batch_size, channels_last, compile, deterministic, device, "
             "ema_decay, ema_warmup, epochs, eval_batch_size, eval_every, log_every, max_steps_per_epoch, nan_check, "
-            "progress, seed, tensorboard)",
+            "progress, seed, teacher_cache, teacher_cache_dtype, teacher_cache_verify, tensorboard)",
         ),
         (["train.epochs=ten"], "train.epochs: expected int, got 'ten'"),
         (["train.epochs=2.5"], "train.epochs: expected int, got 2.5"),

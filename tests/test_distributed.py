@@ -98,6 +98,25 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert double_result["best_top1"] == single_result["best_top1"]
 
 
+def test_under_ddp_each_rank_stores_its_share_and_a_warm_run_reads_them_all(tmp_path):
+    from unikd.models import create_model
+
+    torch.save(create_model("cifar/smallcnn", 10, width=4).state_dict(), tmp_path / "teacher.pt")
+    kd = [
+        *(key for key in TINY_VIT if not key.startswith(("method.", "train.ema"))),
+        *("method.name=kd", "model.teacher=cifar/smallcnn", "model.teacher_kwargs={width: 4}"),
+        *(f"model.teacher_checkpoint={tmp_path / 'teacher.pt'}", f"train.teacher_cache={tmp_path / 'cache'}"),
+    ]
+    for name in ("cold", "warm"):
+        mp.spawn(_ddp_worker, args=(2, _free_port(), [*kd, f"output_dir={tmp_path / name}"]), nprocs=2)
+    cold, warm = ([r for r in _records(tmp_path / name) if r["split"] == "teacher_cache"] for name in ("cold", "warm"))
+    assert [(r["hits"], r["misses"]) for r in cold[1:]] == [(0, 4), (0, 4)]  # 2 steps x 2 ranks, every epoch
+    assert [(r["hits"], r["misses"]) for r in warm[1:]] == [(4, 0), (4, 0)]
+    assert warm[0]["epochs_cached"] == 2 and warm[0]["teacher_top1_cached"]
+    a, b = load_checkpoint(tmp_path / "cold" / "last.pt"), load_checkpoint(tmp_path / "warm" / "last.pt")
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
+
+
 def _ddp_worker_reporting(rank: int, world_size: int, port: int, overrides: list[str], messages) -> None:
     try:
         _ddp_worker(rank, world_size, port, overrides)

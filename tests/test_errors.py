@@ -42,6 +42,11 @@ TINY = [
 ]
 FAKE = ["data.name=fake", "data.img_size=8", "data.train_subset=16", "data.val_subset=8", *TINY]
 EMA = ["method.name=uskd", "method.target_soft_label=ema"]
+CACHE = [
+    *FAKE,
+    *("method.name=kd", "model.teacher=cifar/smallcnn", "model.teacher_kwargs={{width: 4}}"),
+    *("model.teacher_checkpoint={tmp}/teacher.pt", "train.teacher_cache={tmp}/cache"),
+]
 EVAL_FAKE = ["data.name=fake", "data.img_size=8", "data.val_subset=8", "model.student_kwargs={{width: 4}}"]
 
 
@@ -112,6 +117,38 @@ def _random_bytes_image(ctx: Context) -> None:
     image = _small_folder(ctx)
     image.write_bytes(os.urandom(300))
     ctx.values["bad"] = image
+
+
+def _smallcnn_teacher(ctx: Context, *, logit: float = 0.0) -> None:
+    """A teacher file (cifar/smallcnn, width 4) for the teacher-cache rows; ``logit``: every class's bias."""
+    from unikd.models import create_model
+
+    state = create_model("cifar/smallcnn", 10, width=4).state_dict()
+    state["fc.bias"] = torch.full_like(state["fc.bias"], logit)
+    torch.save(state, ctx.tmp / "teacher.pt")
+
+
+def _cache_disk_full(ctx: Context) -> None:
+    import types
+
+    import unikd._teacher_cache
+
+    _smallcnn_teacher(ctx)
+    usage = types.SimpleNamespace(disk_usage=lambda path: types.SimpleNamespace(free=100))
+    ctx.monkeypatch.setattr(unikd._teacher_cache, "shutil", usage)
+
+
+def _stale_cache(ctx: Context) -> None:
+    import unikd._teacher_cache
+    from unikd.config import load_config
+    from unikd.train import train
+
+    _smallcnn_teacher(ctx)
+    # A first run stores every logit 0.5 off: what a change the fingerprints do not see would give.
+    real_put = unikd._teacher_cache.TeacherCache.put
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(unikd._teacher_cache.TeacherCache, "put", lambda self, keys, x: real_put(self, keys, x + 0.5))
+        train(load_config(None, [arg.format(tmp=ctx.tmp, run=ctx.tmp / "first") for arg in CACHE]))
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -476,6 +513,34 @@ CASES = [
         r"limit is PIL\.Image\.MAX_IMAGE_PIXELS\); saved {run}/last\.pt, continue with --resume once it is fixed",
         _decompression_bomb,
         regex=True,
+        before_work=False,
+    ),
+    # ---- the teacher-logit cache
+    Case(
+        "teacher-cache-disk-full",
+        ["train", os.devnull, *CACHE],
+        "teacher cache {tmp}/cache: this run needs 464 bytes more for 1 epoch of teacher logits (464 bytes an epoch: "
+        "8 x 10 float32) but its disk has 100 bytes free; free space, set train.teacher_cache_dtype=float16 (half the "
+        "size), point train.teacher_cache at a bigger disk, or set train.teacher_cache=null",
+        _cache_disk_full,
+    ),
+    Case(
+        "teacher-cache-stale",
+        ["train", os.devnull, *CACHE, "train.teacher_cache_verify=1"],
+        r"teacher cache {tmp}/cache/[0-9a-f]{{16}}-[0-9a-f]{{16}}-float32: the cached logits of seed 0, epoch 0, "
+        r"sample \d+ differ from the live teacher's by up to 0\.5 \(4 of 4 rows differ\); the cache is stale \(a "
+        r"change the fingerprints do not see\) or the teacher is not deterministic here: delete "
+        r"{tmp}/cache/[0-9a-f]{{16}}-[0-9a-f]{{16}}-float32, or set train.teacher_cache=null",
+        _stale_cache,
+        regex=True,
+        before_work=False,
+    ),
+    Case(
+        "teacher-cache-float16-overflow",
+        ["train", os.devnull, *CACHE, "train.teacher_cache_dtype=float16"],
+        "teacher cache {tmp}/cache: teacher logits beyond 65504 do not fit float16; set "
+        "train.teacher_cache_dtype=float32",
+        lambda ctx: _smallcnn_teacher(ctx, logit=1e5),
         before_work=False,
     ),
     Case(

@@ -94,7 +94,10 @@ def test_float16_halves_the_space_and_rounds_within_2_to_the_minus_11(tmp_path):
     assert record_bytes(16, NUM_CLASSES, "float16") - HEADER_BYTES - 16 * 8 == 16 * NUM_CLASSES * 2
     with pytest.raises(UnikdError) as error:
         cache.put(keys, live * 10)
-    assert str(error.value) == f"teacher cache {tmp_path}: teacher logits beyond 65504 do not fit float16; use float32"
+    assert (
+        str(error.value) == f"teacher cache {tmp_path}: teacher logits beyond 65504 do not fit float16; set "
+        "train.teacher_cache_dtype=float32"
+    )
 
 
 def test_file_size_is_epoch_bytes_and_cifar100_takes_20_mb_an_epoch(tmp_path):
@@ -379,7 +382,7 @@ def test_verify_fails_loudly_on_any_difference(tmp_path):
     assert str(error.value) == (
         f"teacher cache {cache.entry_dir}: the cached logits of seed 0, epoch 2, sample 11 differ from the live "
         "teacher's by up to 0.25 (2 of 8 rows differ); the cache is stale (a change the fingerprints do not see) or "
-        f"the teacher is not deterministic here: delete {cache.entry_dir}, or turn the teacher cache off"
+        f"the teacher is not deterministic here: delete {cache.entry_dir}, or set train.teacher_cache=null"
     )
     fresh = _keys(2, range(16, 24), batch=2)
     cache.put(fresh, _logits(fresh))
@@ -395,8 +398,8 @@ def test_refuses_a_run_the_disk_cannot_hold(tmp_path, monkeypatch):
         cache.check_space(240, rows, rows_per_record=128)
     assert str(error.value) == (
         f"teacher cache {root}: this run needs 4891.9 MB more for 240 epochs of teacher logits (20.4 MB an epoch: "
-        "49920 x 100 float32) but its disk has 1000.0 MB free; free space, set the dtype to float16 (half the size), "
-        "point the cache at a bigger disk, or turn it off"
+        "49920 x 100 float32) but its disk has 1000.0 MB free; free space, set train.teacher_cache_dtype=float16 (half "
+        "the size), point train.teacher_cache at a bigger disk, or set train.teacher_cache=null"
     )
     per_epoch = epoch_bytes(rows, 128, 100)
     assert cache.check_space(40, rows, rows_per_record=128) == 40 * per_epoch < 10**9

@@ -85,10 +85,12 @@ __all__ = [
     "TeacherCache",
     "data_fingerprint",
     "epoch_bytes",
+    "read_teacher_scores",
     "record_bytes",
     "root_identity",
     "teacher_fingerprint",
     "weights_digest",
+    "write_teacher_scores",
 ]
 
 FORMAT = "unikd-teacher-cache"
@@ -338,6 +340,44 @@ def epoch_bytes(rows: int, rows_per_record: int, num_classes: int, dtype: str = 
     )
 
 
+# ---- what else a run needs of the teacher -------------------------------------------------------------------------
+
+
+def read_teacher_scores(root: str | Path, teacher: Fingerprint, data: Fingerprint) -> dict | None:
+    """The validation scores of ``teacher`` on the validation images ``data`` stored by ``write_teacher_scores``
+    (e.g. ``{"top1": 93.1}``), or None: with them and a complete cache a run needs no teacher at all."""
+    path = _scores_path(root, teacher, data)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("teacher") != teacher.digest or stored.get("data") != data.digest:
+        return None
+    scores = stored.get("scores")
+    return scores if isinstance(scores, dict) else None
+
+
+def write_teacher_scores(
+    root: str | Path, teacher: Fingerprint, data: Fingerprint, scores: Mapping[str, float]
+) -> None:
+    """Store ``scores`` under ``root/teacher-scores/`` (atomically: a temporary file renamed into place)."""
+    path = _scores_path(root, teacher, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"teacher": teacher.digest, "data": data.digest, "data_fields": dict(data.fields), "scores": dict(scores)}
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temporary.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def _scores_path(root: str | Path, teacher: Fingerprint, data: Fingerprint) -> Path:
+    return Path(root).expanduser() / "teacher-scores" / f"{teacher.digest[:16]}-{data.digest[:16]}.json"
+
+
+def _size(count: int) -> str:
+    """Bytes in words: ``"4891.9 MB"``, or ``"464 bytes"`` under 0.1 MB."""
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count} bytes"
+
+
 # ---- the cache ---------------------------------------------------------------------------------------------------
 
 
@@ -462,7 +502,7 @@ class TeacherCache:
             f"teacher cache {self.entry_dir}: the cached logits of seed {self.seed}, epoch {first[EPOCH]}, "
             f"{self._describe_key(first)} differ from the live teacher's by up to {largest:.3g} ({len(bad_rows)} of "
             f"{len(cached)} rows differ); the cache is stale (a change the fingerprints do not see) or the teacher "
-            f"is not deterministic here: delete {self.entry_dir}, or turn the teacher cache off"
+            f"is not deterministic here: delete {self.entry_dir}, or set train.teacher_cache=null"
         )
 
     def stored_bytes(self, epochs: Iterable[int] | None = None) -> int:
@@ -481,12 +521,12 @@ class TeacherCache:
         existing = next(parent for parent in [self.root, *self.root.parents] if parent.exists())
         free = shutil.disk_usage(existing).free
         if needed > free:
-            smaller = "set the dtype to float16 (half the size), " if self.dtype == "float32" else ""
+            smaller = "set train.teacher_cache_dtype=float16 (half the size), " if self.dtype == "float32" else ""
             raise UnikdError(
-                f"teacher cache {self.root}: this run needs {needed / 1e6:.1f} MB more for {epochs} epochs of teacher "
-                f"logits ({per_epoch / 1e6:.1f} MB an epoch: {rows_per_epoch} x {self.num_classes} {self.dtype}) but "
-                f"its disk has {free / 1e6:.1f} MB free; free space, {smaller}point the cache at a bigger disk, or "
-                "turn it off"
+                f"teacher cache {self.root}: this run needs {_size(needed)} more for {epochs} epoch"
+                f"{'s' * (epochs != 1)} of teacher logits ({_size(per_epoch)} an epoch: {rows_per_epoch} x "
+                f"{self.num_classes} {self.dtype}) but its disk has {_size(free)} free; free space, {smaller}point "
+                "train.teacher_cache at a bigger disk, or set train.teacher_cache=null"
             )
         return needed
 
@@ -502,7 +542,8 @@ class TeacherCache:
         values = logits.detach().float().cpu().numpy()
         if self.dtype == "float16" and np.abs(values[np.isfinite(values)]).max(initial=0.0) > _FLOAT16_MAX:
             raise UnikdError(
-                f"teacher cache {self.root}: teacher logits beyond {_FLOAT16_MAX:.0f} do not fit float16; use float32"
+                f"teacher cache {self.root}: teacher logits beyond {_FLOAT16_MAX:.0f} do not fit float16; set "
+                "train.teacher_cache_dtype=float32"
             )
         rows_block = rows.astype("<i8").tobytes()
         logits_block = np.ascontiguousarray(values.astype(self.np_dtype)).tobytes()

@@ -73,6 +73,8 @@ SAFE_TO_CHANGE_ON_RESUME = (
     "train.eval_batch_size",
     "train.log_every",
     "train.progress",
+    "train.teacher_cache",
+    "train.teacher_cache_verify",
     "train.tensorboard",
 )
 # What a checkpoint's stored config may set when the checkpoint is evaluated (unikd eval, softlabels): what the
@@ -219,6 +221,14 @@ class TrainConfig:
     # starts low, 1 - (1 + step)^(-2/3) (timm's warm-up), so that early soft targets follow the student, up to it.
     ema_decay: float = option(0.9998, minimum=0, maximum=1)
     ema_warmup: bool = True
+    # The teacher-logit cache (unikd._teacher_cache): a folder where the checkpoint teacher's logits of every
+    # augmented training image are stored, so that another run of the same seed (another method, a grid point, a
+    # resume) reads them instead of running the teacher. float32 is exact (a warm run is bit-identical to a live
+    # teacher); float16 halves the space and rounds each logit (relative error <= 2**-11). teacher_cache_verify: the
+    # first N cached batches of each epoch are re-computed by the live teacher and must match.
+    teacher_cache: str | None = None
+    teacher_cache_dtype: str = option("float32", choices=("float32", "float16"))
+    teacher_cache_verify: int = option(0, minimum=0)
 
 
 @dataclass

@@ -34,6 +34,14 @@ sample index) and MixUp/CutMix drawn as one of (seed, epoch, batch index, rank) 
 not depend on the number of data workers, ranks or the resume point. ``train.deterministic`` also asks torch for
 deterministic kernels.
 
+Teacher cache (``train.teacher_cache``, unikd._teacher_cache): the checkpoint teacher's logits of each batch are
+read from the cache, or computed and stored, so a warm float32 cache trains bit for bit what the live teacher
+trains. The teacher is then only read and fingerprinted (``models.read_model_weights``) and built on the first
+miss; its validation top-1 is cached too, so a run that is all cached never builds it. The header says what the
+cache holds for the run (or why not: the fingerprint fields that differ) and its size per epoch; each epoch's line
+and a ``"split": "teacher_cache"`` record give the batches read and computed; ``train.teacher_cache_verify`` batches
+of each epoch are re-computed and must match. A run whose missing logits its disk cannot hold does not start.
+
 Interrupts: the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current training step (one that
 arrives during evaluation takes effect at the next step; all ranks agree on the step); it saves a resumable
 ``last.pt`` (mid-epoch position included) and raises ``KeyboardInterrupt`` for SIGINT (the CLI exits 130) or
@@ -57,6 +65,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +74,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from unikd._checkpoint import (
     CHECKPOINT_FORMAT,
@@ -113,7 +122,15 @@ from unikd._rundir import (
     write_json,
     write_text,
 )
-from unikd._sampling import EpochBatchSampler, keyed_loader
+from unikd._sampling import EpochBatchSampler, keyed_loader, preserved_rng
+from unikd._teacher_cache import (
+    TeacherCache,
+    data_fingerprint,
+    epoch_bytes,
+    read_teacher_scores,
+    teacher_fingerprint,
+    write_teacher_scores,
+)
 from unikd.config import (
     SAFE_TO_CHANGE_ON_RESUME,
     Config,
@@ -125,9 +142,9 @@ from unikd.config import (
     config_to_dict,
     dump_config,
 )
-from unikd.data import DataBundle, build_datasets, build_mix
+from unikd.data import DataBundle, build_datasets, build_mix, dataset_root, mix_description
 from unikd.methods import METHODS, Method, create_method, forward_student
-from unikd.models import create_model, feature_dim, init_student_from_file, load_model_weights
+from unikd.models import create_model, feature_dim, init_student_from_file, load_model_weights, read_model_weights
 
 __all__ = [
     "TrainableModules",
@@ -180,7 +197,7 @@ class _Run:
     steps_per_epoch: int
     student: nn.Module
     method: Method
-    teacher: nn.Module | None
+    teacher: nn.Module | None  # the frozen checkpoint teacher once built (with a teacher cache: on the first miss)
     ema: ModelEmaV3 | None  # the EMA copy of the student that gives teacher_logits (method.teacher_source == "ema")
     model: nn.Module  # what a step calls: TrainableModules, wrapped in DDP and/or compiled
     eval_model: nn.Module  # the student, compiled or not
@@ -196,6 +213,23 @@ class _Run:
     resumed: bool = False
     safe_changes: dict[str, tuple] = field(default_factory=dict)  # config keys a resume changed, all safe ones
     weights: dict[str, str] = field(default_factory=dict)  # what was read from which file: "teacher", "student"
+    build_teacher: Callable[[], nn.Module] | None = None  # builds the checkpoint teacher when it is still None
+    teacher_cache: TeacherCache | None = None
+    cache_info: dict = field(default_factory=dict)  # the header's teacher-cache line, as a metrics record
+    cache_counts: dict[str, int] = field(default_factory=dict)  # this epoch's batches: hits, misses, verified
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether the method takes a checkpoint teacher's logits (built or not)."""
+        return self.teacher is not None or self.build_teacher is not None
+
+    def live_teacher(self) -> nn.Module:
+        """The checkpoint teacher, built now if it was not: outside the seeded streams (its initialisation draws
+        from the global generators before its weights are loaded), so a run is the same whenever it is built."""
+        if self.teacher is None:
+            with preserved_rng():
+                self.teacher = self.build_teacher()
+        return self.teacher
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -243,6 +277,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 return _finish(run)
             finally:
                 stop_data_workers(run.train_loader, run.val_loader)
+                if run.teacher_cache is not None:
+                    run.teacher_cache.close()
     finally:
         if owns_process_group:
             dist.destroy_process_group()
@@ -274,7 +310,8 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
     # Seed again right before the student so its initialisation depends on the seed only (not on the data
     # pipeline, not on the method built after it): paired runs across methods start from the same weights.
     seed_everything(cfg.train.seed)
-    models = _build_models(cfg, bundle, device, initialise=checkpoint is None)
+    cache_wanted = cfg.train.teacher_cache is not None
+    models = _build_models(cfg, bundle, device, initialise=checkpoint is None, lazy_teacher=cache_wanted)
     student, method = models.student, models.method
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     trainable = TrainableModules(student, method, cfg.model.feature_layer).to(device, memory_format=memory_format)
@@ -294,9 +331,12 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
         run_id=uuid.uuid4().hex, start_epoch=0, step=0,
         metrics={"history": [], "best_top1": None, "best_epoch": None, "teacher_top1": None, "epoch_train_time_s": 0.0},
         trainable_params=[p for p in trainable.parameters() if p.requires_grad], weights=models.weights,
+        build_teacher=models.build_teacher,
     )  # fmt: skip
     if checkpoint is not None:
         _restore(run, checkpoint)
+    if cache_wanted:
+        _open_teacher_cache(run, models.teacher_state)
     run.resumed, run.safe_changes = checkpoint is not None, safe_changes
     _wrap_model(run, trainable)
 
@@ -345,11 +385,20 @@ class _Models:
     method: Method
     teacher: nn.Module | None
     weights: dict[str, str]  # one line per file read: "teacher", "student" (initialisation)
+    build_teacher: Callable[[], nn.Module] | None = None  # lazy_teacher: builds the teacher that was only read
+    teacher_state: dict | None = None  # lazy_teacher: the teacher's weights, in its key names (its fingerprint)
 
 
-def _build_models(cfg: Config, bundle: DataBundle, device: torch.device, *, initialise: bool) -> _Models:
+def _build_models(
+    cfg: Config, bundle: DataBundle, device: torch.device, *, initialise: bool, lazy_teacher: bool = False
+) -> _Models:
     """The student (initialised from ``model.student_checkpoint`` when ``initialise``: a new run), the method (with
-    USKD's weak head sized to the student's feature) and the frozen teacher, each on its way to ``device``."""
+    USKD's weak head sized to the student's feature) and the frozen teacher, each on its way to ``device``.
+
+    ``lazy_teacher`` (a teacher cache): a ``model.teacher_checkpoint`` teacher is only read (its weights fingerprint
+    it) and ``build_teacher`` builds it on the first cache miss; a pretrained teacher is built (to fingerprint its
+    weights) but runs only on a miss too.
+    """
     num_classes, model_cfg = bundle.num_classes, cfg.model
     student = create_model(model_cfg.student, num_classes, in_chans=bundle.in_chans, **model_cfg.student_kwargs)
     report = None
@@ -366,15 +415,30 @@ def _build_models(cfg: Config, bundle: DataBundle, device: torch.device, *, init
     weights = {}
     if report is not None:
         weights["student"] = report.describe() + _reuse_weak_head(method, report)
-    teacher = None
-    if method.teacher_source == "checkpoint":
-        teacher, weights["teacher"] = teacher_from_config(model_cfg, num_classes, bundle.in_chans)
-        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    models = _Models(student, method, None, weights)
+    if method.teacher_source != "checkpoint":
+        return models
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+    def frozen(teacher: nn.Module) -> nn.Module:
         # Frozen either way: no gradient, no optimizer. teacher_mode=train only lets its BatchNorm normalise with the
         # batch's statistics (and update its running ones), as cls_KD's ImageNet runs left it.
         teacher = teacher.to(device, memory_format=memory_format).requires_grad_(False)
-        teacher.train(model_cfg.teacher_mode == "train")
-    return _Models(student, method, teacher, weights)
+        return teacher.train(model_cfg.teacher_mode == "train")
+
+    if lazy_teacher and model_cfg.teacher_checkpoint is not None:
+        state, report, build = read_model_weights(
+            model_cfg.teacher, num_classes, model_cfg.teacher_checkpoint, layout=model_cfg.teacher_format,
+            role="teacher", in_chans=bundle.in_chans, **model_cfg.teacher_kwargs,
+        )  # fmt: skip
+        weights["teacher"] = report.describe()
+        models.teacher_state, models.build_teacher = state, lambda: frozen(build(state))
+        return models
+    teacher, weights["teacher"] = teacher_from_config(model_cfg, num_classes, bundle.in_chans)
+    if lazy_teacher:
+        models.teacher_state = teacher.state_dict()
+    models.teacher = frozen(teacher)
+    return models
 
 
 def _reuse_weak_head(method: Method, report) -> str:
@@ -426,12 +490,91 @@ def _wrap_model(run: _Run, trainable: TrainableModules) -> None:
         run.model, run.eval_model = torch.compile(run.model), torch.compile(run.student)
 
 
+def _open_teacher_cache(run: _Run, teacher_state: dict | None) -> None:
+    """Open ``train.teacher_cache`` for this run's teacher, data pipeline and seed, say how much of the run it
+    holds (and, when not all of it, why), and refuse to start when the disk cannot hold what is missing.
+
+    Only a checkpoint teacher is cached: EMA soft targets (USKD's S2) change every step, and a method without a
+    teacher has nothing to cache (the header says so). Under DDP every rank reads and writes its own share.
+    """
+    cfg, bundle, train_cfg = run.cfg, run.bundle, run.cfg.train
+    if not run.has_teacher:
+        source = "an EMA copy of the student" if run.ema is not None else "no teacher"
+        run.cache_info = {"used": False, "reason": f"method {cfg.method.name} takes {source}"}
+        return
+    per_rank = train_cfg.batch_size // run.dist.world_size
+    device = run.device.type
+    if device == "cuda":
+        device += f" {torch.cuda.get_device_name(run.device)}, cudnn {torch.backends.cudnn.version()}"
+    teacher_fp = teacher_fingerprint(
+        cfg.model.teacher, {**cfg.model.teacher_kwargs, "in_chans": bundle.in_chans}, teacher_state,
+        num_classes=bundle.num_classes, mode=cfg.model.teacher_mode, device=device, amp=train_cfg.amp,
+        memory_format="channels_last" if train_cfg.channels_last else "contiguous", batch_size=per_rank,
+        deterministic=train_cfg.deterministic,
+    )  # fmt: skip
+    cache = TeacherCache(
+        train_cfg.teacher_cache, teacher=teacher_fp, data=_data_fingerprint(run, bundle.train, training=True),
+        seed=train_cfg.seed, num_classes=bundle.num_classes, num_samples=len(bundle.train),
+        dtype=train_cfg.teacher_cache_dtype,
+    )  # fmt: skip
+    epochs = range(run.start_epoch, train_cfg.epochs)
+    rows_per_epoch = run.steps_per_epoch * train_cfg.batch_size
+    statuses = [cache.status(run.train_sampler.epoch_keys(epoch)) for epoch in epochs]
+    cache.check_space(len(epochs), rows_per_epoch, rows_per_record=per_rank, stored=cache.stored_bytes(epochs))
+    scores = read_teacher_scores(cache.root, teacher_fp, _data_fingerprint(run, bundle.val, training=False))
+    complete = sum(status.complete for status in statuses)
+    reason = next((status.reason for status in statuses if not status.complete), None)
+    run.teacher_cache = cache
+    run.cache_info = {
+        "used": True, "entry": str(cache.entry_dir), "dtype": cache.dtype,
+        "epoch_mb": epoch_bytes(rows_per_epoch, per_rank, bundle.num_classes, cache.dtype) / 1e6,
+        "epochs_cached": complete, "epochs": len(epochs), "teacher_top1_cached": scores is not None,
+        "reason": reason, "verify": train_cfg.teacher_cache_verify,
+    }  # fmt: skip
+    if scores is not None and not run.resumed:
+        run.metrics["teacher_top1"] = scores["top1"]
+
+
+def _data_fingerprint(run: _Run, dataset: Dataset, *, training: bool):
+    """The teacher cache's fingerprint of the training images (augmented, as a function of the seed) or of the
+    validation images (what the teacher's top-1 was measured on)."""
+    cfg, bundle = run.cfg, run.bundle
+    subset = None
+    if isinstance(dataset, Subset):
+        dataset, subset = dataset.dataset, list(dataset.indices)
+    extra = {"channels": bundle.in_chans, "num_classes": bundle.num_classes}
+    if not training:
+        extra.update(eval_batch_size=cfg.train.eval_batch_size, ranks=run.dist.world_size, amp=cfg.train.amp)
+    return data_fingerprint(
+        dataset=cfg.data.name, root=None if cfg.data.name == "fake" else dataset_root(cfg.data),
+        num_samples=len(dataset), transform=getattr(dataset, "transform", None), img_size=bundle.img_size,
+        subset=subset, mix=mix_description(cfg.data) if training else None, batch_size=cfg.train.batch_size,
+        world_size=run.dist.world_size, split="train" if training else "val", **extra,
+    )  # fmt: skip
+
+
+def _teacher_top1(run: _Run) -> float:
+    """The teacher's validation top-1: read from the teacher cache when it holds it (on every rank, or on none:
+    the measurement is collective), else measured, and stored there."""
+    known = run.metrics["teacher_top1"]
+    if run.dist.is_distributed:
+        missing = all_reduce(torch.tensor(float(known is None), device=run.device), op="max")
+        known = None if missing.item() else known
+    if known is not None:
+        return known
+    top1 = evaluate(run.live_teacher(), run.val_loader, run.device, amp_dtype=run.amp_dtype)["top1"]
+    if run.teacher_cache is not None and run.dist.is_main:
+        val_fp = _data_fingerprint(run, run.bundle.val, training=False)
+        write_teacher_scores(run.teacher_cache.root, run.teacher_cache.teacher, val_fp, {"top1": top1})
+    return top1
+
+
 def _open_logs(run: _Run) -> None:
     """Measure the teacher (once per run), write config.yaml, drop the metrics a resume will log again, open the
     writers, print the header and any resume changes."""
     cfg, output_dir, resumed = run.cfg, run.output_dir, run.resumed
-    if run.teacher is not None and not resumed:  # a resume reads it from the checkpoint
-        run.metrics["teacher_top1"] = evaluate(run.teacher, run.val_loader, run.device, amp_dtype=run.amp_dtype)["top1"]
+    if run.has_teacher and not resumed:  # a resume reads it from the checkpoint
+        run.metrics["teacher_top1"] = _teacher_top1(run)
 
     def write_run_files() -> None:
         write_text(output_dir / CONFIG, dump_config(cfg))
@@ -446,6 +589,8 @@ def _open_logs(run: _Run) -> None:
     _print_header(run, resumed)
     if run.weights:  # what was read from which file (the header's lines), for the record
         run.writer.write({"split": "weights", "step": run.step, "epoch": run.start_epoch, **run.weights})
+    if run.cache_info:
+        run.writer.write({"split": "teacher_cache", "step": run.step, "epoch": run.start_epoch, **run.cache_info})
     if run.safe_changes:
         for key, (old, new) in run.safe_changes.items():
             run.say(f"unikd: resume: {key} {old!r} -> {new!r}")
@@ -464,10 +609,12 @@ def _print_header(run: _Run, resumed: bool) -> None:
     )
     run.say(f"  data: {cfg.data.name}, {len(bundle.train)} training / {len(bundle.val)} validation images, "
             f"{bundle.num_classes} classes, {image}")  # fmt: skip
-    if run.teacher is not None:
+    if run.has_teacher:
         run.say(f"  teacher: {cfg.model.teacher} from {cfg.model.teacher_checkpoint or 'pretrained weights'} "
                 f"({cfg.model.teacher_mode} mode), validation top-1 {run.metrics['teacher_top1']:.2f}")  # fmt: skip
         run.say(f"    read {run.weights['teacher']}")
+    if run.cache_info:
+        run.say(f"  teacher cache: {_cache_line(run.cache_info, cfg.train.teacher_cache)}")
     if "student" in run.weights:
         run.say(f"  student initialised from {run.weights['student']}")
     if run.ema is not None:
@@ -476,6 +623,21 @@ def _print_header(run: _Run, resumed: bool) -> None:
     where = f"resumed at epoch {run.start_epoch}, step {run.step}" if resumed else "new run"
     run.say(f"  {cfg.train.epochs} epochs x {run.steps_per_epoch} steps of {cfg.train.batch_size} images; "
             f"output_dir {run.output_dir} ({where})")  # fmt: skip
+
+
+def _cache_line(info: dict, root: str) -> str:
+    """The header's teacher-cache line, e.g. '<entry> (float32, 0.5 MB an epoch): 2 of 2 epochs cached, ...'."""
+    if not info["used"]:
+        return f"{root} not used ({info['reason']})"
+    line = f"{info['entry']} ({info['dtype']}, {info['epoch_mb']:.1f} MB an epoch): "
+    line += f"{info['epochs_cached']} of {info['epochs']} epochs cached"
+    if info["epochs_cached"] == info["epochs"] and info["teacher_top1_cached"] and not info["verify"]:
+        line += ", the teacher is not built"
+    elif info["reason"]:
+        line += f"; the teacher computes the rest ({info['reason']})"
+    if info["verify"]:
+        line += f"; {info['verify']} cached batches an epoch are re-checked by the live teacher"
+    return line
 
 
 # ---- phase 2: one epoch, one step --------------------------------------------------------------------------------
@@ -495,6 +657,7 @@ def _train_epoch(run: _Run, epoch: int, stop: StopRequest) -> _EpochStats:
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     run.model.train()
+    run.cache_counts = {"hits": 0, "misses": 0, "verified": 0}
     bar = progress_bar(steps_per_epoch, batches_done, f"epoch {epoch}", cfg.train.progress and run.dist.is_main)
     window: dict[str, torch.Tensor] = {}
     window_steps, window_start, epoch_start = 0, time.perf_counter(), time.perf_counter()
@@ -502,7 +665,7 @@ def _train_epoch(run: _Run, epoch: int, stop: StopRequest) -> _EpochStats:
     batches = iter(run.train_loader)
     for batch_index in range(batches_done, steps_per_epoch):
         try:
-            images, target, _keys = next(batches)  # keys: (N, 4) int64 (epoch, batch, slot, index)
+            images, target, keys = next(batches)  # keys: (N, 4) int64 (epoch, batch, slot, index)
         except DataError as error:
             bar.close()
             if run.dist.is_distributed:  # torchrun stops the other ranks
@@ -511,7 +674,8 @@ def _train_epoch(run: _Run, epoch: int, stop: StopRequest) -> _EpochStats:
             raise DataError(
                 f"{error}; saved {run.output_dir / LAST}, continue with --resume once it is fixed"
             ) from None
-        terms, lr, stop_requested = _train_step(run, images, target, epoch + batch_index / steps_per_epoch, stop)
+        progress = epoch + batch_index / steps_per_epoch
+        terms, lr, stop_requested = _train_step(run, images, target, keys, progress, stop)
         bar.update(1)
         for name, value in terms.items():
             window[name] = window.get(name, 0.0) + value.detach().float()
@@ -534,7 +698,7 @@ def _train_epoch(run: _Run, epoch: int, stop: StopRequest) -> _EpochStats:
 
 
 def _train_step(
-    run: _Run, images: torch.Tensor, target: torch.Tensor, progress: float, stop: StopRequest
+    run: _Run, images: torch.Tensor, target: torch.Tensor, keys: torch.Tensor, progress: float, stop: StopRequest
 ) -> tuple[dict[str, torch.Tensor], float, bool]:
     """One optimizer step; returns the loss terms, the learning rate it used, and whether to stop after it.
 
@@ -545,10 +709,11 @@ def _train_step(
     target = target.to(run.device, non_blocking=True)
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         teacher_logits = None
-        source = run.teacher if run.teacher is not None else run.ema.module if run.ema is not None else None
-        if source is not None:  # the frozen teacher, or the EMA copy of the student (always in eval mode)
+        if run.teacher_cache is not None:
+            teacher_logits = _cached_teacher_logits(run, images, keys)
+        elif run.teacher is not None or run.ema is not None:  # the frozen teacher, or the student's EMA copy (eval)
             with torch.no_grad():
-                teacher_logits = source(images).float()
+                teacher_logits = (run.teacher if run.teacher is not None else run.ema.module)(images).float()
         terms = run.model(images, target, teacher_logits, progress)
     loss = sum(terms.values())
     non_finite, stop_requested = check_step(
@@ -564,6 +729,27 @@ def _train_step(
     if run.ema is not None:  # every rank: its student is the same after a DDP step (BatchNorm buffers: per rank)
         run.ema.update(run.student, step=run.step)
     return terms, lr, stop_requested
+
+
+def _cached_teacher_logits(run: _Run, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The teacher's float32 logits (N, C) of this batch: from the cache, or computed (the teacher is built on the
+    first miss) and stored; the first ``train.teacher_cache_verify`` hits of an epoch are computed too and must
+    equal the cached ones. A float16 cache gives the rounded logits on a miss too, so cold and warm runs agree."""
+    cache, counts = run.teacher_cache, run.cache_counts
+    cached = cache.get(keys)
+    verify = cached is not None and counts["verified"] < run.cfg.train.teacher_cache_verify
+    if cached is not None and not verify:
+        counts["hits"] += 1
+        return cached.to(run.device, non_blocking=True)
+    with torch.no_grad():
+        live = run.live_teacher()(images).float()
+    if cached is not None:
+        cache.verify(keys, live)
+        counts["hits"], counts["verified"] = counts["hits"] + 1, counts["verified"] + 1
+        return cached.to(run.device, non_blocking=True)
+    cache.put(keys, live)
+    counts["misses"] += 1
+    return live if cache.dtype == "float32" else live.half().float()
 
 
 def _save_mid_epoch(run: _Run, epoch: int, train_time_s: float) -> None:
@@ -587,6 +773,11 @@ def _end_epoch(run: _Run, epoch: int, stats: _EpochStats) -> None:
     mean_loss = all_reduce(torch.stack([stats.loss_sum, torch.tensor(float(stats.steps), device=run.device)]))
     mean_loss = (mean_loss[0] / mean_loss[1].clamp_min(1)).item()
     line = f"epoch {epoch:>3}  train loss {mean_loss:.4f}"
+    if run.teacher_cache is not None:  # this epoch's batches (of every rank; a resumed epoch: since the resume)
+        counts = all_reduce(torch.tensor([float(count) for count in run.cache_counts.values()], device=run.device))
+        counts = dict(zip(run.cache_counts, (int(count) for count in counts.tolist()), strict=True))
+        run.writer.write({"split": "teacher_cache", "step": run.step, "epoch": epoch, **counts})
+        line += f"  teacher cache {counts['hits']} hits, {counts['misses']} misses"
     is_best = False
     if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
         val = evaluate(run.eval_model, run.val_loader, run.device, amp_dtype=run.amp_dtype,

@@ -17,6 +17,7 @@ from unikd.models._checkpoint import (
     load_model_weights,
     load_state_dict_file,
     load_teacher,
+    read_model_weights,
 )
 from unikd.models._errors import ModelError
 from unikd.models._factory import NAMESPACES, create_model, list_models, resolve_model_name
@@ -43,6 +44,7 @@ __all__ = [
     "load_model_weights",
     "load_state_dict_file",
     "load_teacher",
+    "read_model_weights",
     "resolve_model_name",
     "unwrap",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
@@ -83,6 +84,25 @@ def _load(
 ) -> WeightsReport:
     """Put ``weights`` (read from ``path``) into ``model`` (built as ``model_name`` with ``num_classes`` classes);
     the report says how."""
+    state_dict, report = _fit(
+        model, model_name, num_classes, weights, path, layout=layout, role=role, new_classifier_ok=new_classifier_ok
+    )
+    model.load_state_dict(state_dict, strict=not report.reinitialized)
+    return report
+
+
+def _fit(
+    model: nn.Module,
+    model_name: str,
+    num_classes: int,
+    weights: WeightsFile,
+    path: str | os.PathLike,
+    *,
+    layout: str,
+    role: str,
+    new_classifier_ok: bool,
+) -> tuple[dict[str, torch.Tensor], WeightsReport]:
+    """``weights`` in ``model``'s key names, shapes checked (a meta-device model will do), and the report."""
     state_dict, report = to_model_keys(weights, path, model, model_name, layout=layout, role=role)
     mismatched = _shape_problems(model, state_dict)
     classifier = classifier_keys(model)
@@ -107,8 +127,7 @@ def _load(
             f"{source}), loaded into {model_name} with {num_classes} classes, does not fit the model: "
             f"shape mismatches ({len(shapes)}): {listing(shapes)}{fix}"
         )
-    model.load_state_dict(state_dict, strict=not report.reinitialized)
-    return report
+    return state_dict, report
 
 
 def _recorded_in_chans(weights: WeightsFile, path: str | os.PathLike) -> int | None:
@@ -133,16 +152,45 @@ def load_model_weights(
     (one of ``unikd.models.FORMATS``); ``role`` picks the half of a whole-distiller checkpoint. ``in_chans`` comes
     from the file's unikd metadata when not given. The classifier must fit ``num_classes``.
     """
+    state_dict, report, build = read_model_weights(name, num_classes, path, layout=layout, role=role, **kwargs)
+    return build(state_dict), report
+
+
+def read_model_weights(
+    name: str,
+    num_classes: int,
+    path: str | os.PathLike,
+    *,
+    layout: str = "auto",
+    role: str = "student",
+    **kwargs,
+) -> tuple[dict[str, torch.Tensor], WeightsReport, Callable[[dict[str, torch.Tensor]], nn.Module]]:
+    """What ``load_model_weights`` reads, without building the model: the weights at ``path`` in the model's key
+    names (checked against the model built on the meta device: no memory, no initialisation), the report, and
+    ``build(state_dict)``, which creates the model on the CPU with them, in eval mode.
+
+    The teacher cache fingerprints a teacher from this state_dict, so that a run whose logits are all cached never
+    builds it.
+    """
     canonical = resolve_model_name(name)
     kwargs = {**implied_kwargs(name), **kwargs}
     weights = read_weights_file(path)
     if "in_chans" not in kwargs and (in_chans := _recorded_in_chans(weights, path)) is not None:
         kwargs["in_chans"] = in_chans
-    model = create_model(canonical, num_classes, **kwargs)
-    report = _load(model, canonical, num_classes, weights, path, layout=layout, role=role, new_classifier_ok=False)
+    with torch.device("meta"):
+        shapes_only = create_model(canonical, num_classes, **kwargs)
+    state_dict, report = _fit(
+        shapes_only, canonical, num_classes, weights, path, layout=layout, role=role, new_classifier_ok=False
+    )
     if report.layout == "mmpretrain":
         _check_mmpretrain_kwargs(report, canonical, kwargs)
-    return model.eval(), report
+
+    def build(weights_in_model_keys: dict[str, torch.Tensor]) -> nn.Module:
+        model = create_model(canonical, num_classes, **kwargs)
+        model.load_state_dict(weights_in_model_keys, strict=True)
+        return model.eval()
+
+    return state_dict, report, build
 
 
 def _check_mmpretrain_kwargs(report: WeightsReport, canonical: str, kwargs: dict) -> None:
