@@ -9,7 +9,17 @@ import pytest
 
 import unikd.train
 from unikd import UnikdError
-from unikd.bench import PROFILES, bar_chart, machine_note, markdown_table, run_bench, run_training, summarize
+from unikd.bench import (
+    PROFILES,
+    _build_config,
+    _plan,
+    bar_chart,
+    machine_note,
+    markdown_table,
+    run_bench,
+    run_training,
+    summarize,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +80,35 @@ def test_bench_runs_pairs_caches_teacher_and_resumes(tmp_path, fashion_mnist_roo
     assert calls[-1] == (str(run_dir), True) and [entry["epoch"] for entry in longer["history"]] == [0, 1]
     with pytest.raises(UnikdError, match=r"^--resume: the config differs .*: optim\.lr 0\.1 -> 0\.2\. Only output_dir"):
         run_training("configs/fmnist_baseline.yaml", [*run_overrides, "train.epochs=2", "optim.lr=0.2"], run_dir)
+
+
+def test_the_teacher_pass_is_paid_once_per_seed_and_the_results_say_by_which_run(tmp_path, fashion_mnist_root):
+    overrides = [f"data.root={fashion_mnist_root}", *TINY]
+    out = tmp_path / "bench"
+    results = run_bench("fmnist-cpu", out, methods=["kd", "dkd"], seeds=[0], overrides=overrides, log=lambda m: None)
+    use = {run["method"]: run["teacher_cache"] for run in results["runs"]}
+    assert use == {
+        "baseline": None,
+        "kd": {"hits": 0, "misses": 2, "verified": 0},
+        "dkd": {"hits": 2, "misses": 0, "verified": 0},
+    }
+    note = "Teacher pass (teacher-logit cache): seed 0 paid by kd (2 batches); dkd read it."
+    assert note in (out / "results.md").read_text()
+    assert str(out / "teacher_cache") in (out / "runs" / "dkd-s0" / "config.yaml").read_text()
+
+    # train.teacher_cache=null turns it off; a run finished before the bench used the cache is reused as it is.
+    profile = PROFILES["fmnist-cpu"]
+    (run,) = [r for r in _plan(profile, ["kd"], {}, [0], ["train.teacher_cache=null"], out) if r.column == "kd"]
+    assert _build_config(run.config, run.overrides, run.output_dir, None, check_files=False).train.teacher_cache is None
+    calls = []
+    real_train = unikd.train.train
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(unikd.train, "train", lambda cfg, *, resume=False: calls.append(resume) or real_train(cfg))
+        rerun = run_bench(
+            "fmnist-cpu", out, methods=["kd"], seeds=[0], overrides=[*overrides, "train.teacher_cache=null"],
+            log=lambda m: None,
+        )  # fmt: skip
+    assert calls == [] and [r["last_top1"] for r in rerun["runs"]] == [r["last_top1"] for r in results["runs"][:2]]
 
 
 def _run(method, seed, last, epoch_time, device="cuda"):

@@ -10,6 +10,10 @@ A profile names a config per column, the seeds, and overrides shared by every ru
 is a method (``uskd``: its config as it is) or a labelled variant of one, ``METHOD[key=value,...]``
 (``uskd[rank=weak]``: the method's config with ``method.rank=weak``); ``--methods`` takes the profile's columns and
 variants of its methods. Teacher methods get the profile's teacher, trained once into ``OUT/teacher`` and reused.
+Their teacher logits go through the teacher-logit cache ``OUT/teacher_cache`` (``train.teacher_cache``; exact,
+float32): the first teacher run of a seed computes them, every other teacher method and grid point of that seed (and
+a resumed bench) reads them, so the teacher's forward pass is paid once per seed; ``train.teacher_cache=null`` turns
+it off. The results say which run paid it.
 Each run lives in ``OUT/runs/<column>-s<seed>`` (the column's name with ``[``, ``=``, ``]`` and spaces turned into
 ``_``): a finished run (``final.json``) with the same config is not redone, an interrupted one (``last.pt``)
 resumes, so a killed bench continues where it stopped; a finished run asked for more epochs continues to them, and
@@ -56,6 +60,9 @@ SELF_KD_METHODS = ("baseline", "ls", "tfkd", "zipf_ls", "uskd")
 TEACHER_METHODS = ("kd", "dkd", "nkd", "wsld")
 _COLUMN = re.compile(r"(?P<method>\w+)(?:\[(?P<params>.*)\])?")
 T = TypeVar("T")
+# Keys whose change leaves a finished run's result as it is (the exact cache gives the live teacher's logits): a run
+# finished before the bench used the teacher cache is reused, not resumed.
+_SAME_RESULT_KEYS = ("train.teacher_cache", "train.teacher_cache_verify")
 _BENCH_KEYS = {"train.seed": "the bench sets it from --seeds", "output_dir": "the bench names every run's folder"}
 
 
@@ -335,6 +342,7 @@ def _plan(
                 run_overrides = [*profile.overrides, f"train.seed={seed}"]
                 if method in TEACHER_METHODS:
                     run_overrides.append(f"model.teacher_checkpoint={out_dir / 'teacher' / 'best.pt'}")
+                    run_overrides.append(f"train.teacher_cache={out_dir / 'teacher_cache'}")  # before the user's
                 run_overrides += [*variant, *(f"{key}={value}" for key, value in point.items()), *overrides]
                 output_dir = out_dir / "runs" / f"{_slug(row)}-s{seed}"
                 if output_dir in folders:
@@ -389,7 +397,8 @@ def reuse_or_train(
 
     final, stored = output_dir / "final.json", output_dir / "config.yaml"
     if final.is_file() and stored.is_file():
-        same = not config_changes(config_to_dict(load_config(stored, check_files=False)), config_to_dict(cfg))
+        changes = config_changes(config_to_dict(load_config(stored, check_files=False)), config_to_dict(cfg))
+        same = not set(changes) - set(_SAME_RESULT_KEYS)
         if same:
             return json.loads(final.read_text()), False
     started = (output_dir / "last.pt").is_file() or (output_dir / "best.pt").is_file()
@@ -473,6 +482,7 @@ def _train_runs(
             log(f"[bench] {run.row} seed {run.seed} -> {run.output_dir}")
             result = run_training(run.config, run.overrides, run.output_dir, run.method_section)
             log(f"[bench] {run.row} seed {run.seed}: last top-1 {result['last_top1']:.2f}")
+            result["teacher_cache"] = teacher_cache_use(run.output_dir)
             results.append({"method": run.row, "column": run.column, "grid": run.point, "seed": run.seed, **result})
     finally:
         if owns_group:
@@ -534,7 +544,7 @@ def run_bench(
     }
     if teacher is not None:
         results["teacher_top1"] = teacher["best_top1"]
-    note = _grid_note(grid_values, swept)
+    note = " ".join(part for part in (_grid_note(grid_values, swept), teacher_pass_note(results_runs)) if part)
     files = ["results.json", "results.md", "curves.png", "sweep.png" if grid_values else "bars.png"]
     results["files"] = files
     if is_main:  # under torchrun every rank ran the same runs; one writes
@@ -543,6 +553,44 @@ def run_bench(
         (out_dir / "results.md").write_text(markdown_table(summary, profile_name, seeds, machine, note) + "\n")
         plot_results(results_runs, summary, out_dir, grid_values)
     return results
+
+
+def teacher_cache_use(run_dir: Path) -> dict | None:
+    """The teacher-cache batches of a run, from its ``metrics.jsonl``: ``{"hits", "misses", "verified"}`` summed over
+    its epochs (a resumed run: both parts); None when the run used no cache."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    totals, used = {"hits": 0, "misses": 0, "verified": 0}, False
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("split") != "teacher_cache":
+            continue
+        used = used or bool(record.get("used"))
+        for key in totals:
+            totals[key] += int(record.get(key, 0))
+    return totals if used else None
+
+
+def teacher_pass_note(runs: list[dict]) -> str:
+    """Who paid the teacher's forward pass, per seed: the runs that computed teacher logits (cache misses) and the
+    ones that only read them, e.g. 'Teacher pass (OUT/teacher_cache): seed 0 paid by kd (300 batches); dkd, nkd read
+    it.'"""
+    parts = []
+    for seed in dict.fromkeys(run["seed"] for run in runs):
+        cached = [run for run in runs if run["seed"] == seed and run.get("teacher_cache")]
+        if not cached:
+            continue
+        paid = [f"{run['method']} ({run['teacher_cache']['misses']} batches)" for run in cached
+                if run["teacher_cache"]["misses"]]  # fmt: skip
+        read = [run["method"] for run in cached if not run["teacher_cache"]["misses"]]
+        text = f"seed {seed} paid by {', '.join(paid)}" if paid else f"seed {seed} read from an earlier bench's cache"
+        parts.append(text + (f"; {', '.join(read)} read it" if paid and read else ""))
+    return f"Teacher pass (teacher-logit cache): {'; '.join(parts)}." if parts else ""
 
 
 def _quiet(message: str) -> None:
