@@ -15,6 +15,7 @@ Teacher weights do not change the time, so (a) uses randomly initialised teacher
 
     OMP_NUM_THREADS=1 python benchmarks/teacher_cache.py --out /tmp/cache_bench --rounds 5 \
         --bench-overrides train.epochs=1 data.train_subset=10000
+    python benchmarks/teacher_cache.py --setups imagenet-fake --device cuda --amp bf16 --skip-bench   # on a GPU
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ SETUPS = {
         ],
         "describe": "FakeData 3x32x32, 100 classes, cifar/resnet8x4 <- cifar/resnet32x4, batch 64",
     },
+    "imagenet-fake": {  # the issue's ResNet-34 -> ResNet-18 at 224 (a GPU measurement: --device cuda --amp bf16)
+        "teacher": ("tv/resnet34", 1000, 3),
+        "overrides": [
+            *("data.name=fake", "data.num_classes=1000", "data.img_size=224", "data.train_subset=5120"),
+            *("data.val_subset=256", "model.student=tv/resnet18", "train.batch_size=256", "data.num_workers=8"),
+        ],
+        "describe": "FakeData 3x224x224, 1000 classes, tv/resnet18 <- tv/resnet34, batch 256",
+    },
 }
 CONFIGS = {"baseline": "configs/fmnist_baseline.yaml", "kd": "configs/fmnist_kd.yaml"}
 COMMON = ["train.epochs=1", "train.progress=false", "train.tensorboard=false", "data.num_workers=0"]
@@ -71,14 +80,14 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
-def measure_setup(name: str, out: Path, rounds: int) -> dict:
+def measure_setup(name: str, out: Path, rounds: int, device: list[str]) -> dict:
     setup = SETUPS[name]
     teacher_name, classes, channels = setup["teacher"]
     out.mkdir(parents=True, exist_ok=True)
     teacher_file = out / f"{name}-teacher.pt"
     torch.manual_seed(0)
     torch.save(create_model(teacher_name, classes, in_chans=channels).state_dict(), teacher_file)
-    base = [*setup["overrides"], *COMMON]
+    base = [*COMMON, *setup["overrides"], *device]
     teacher = [f"model.teacher={teacher_name}", f"model.teacher_checkpoint={teacher_file}"]
     cache = out / f"{name}-cache"
     shutil.rmtree(cache, ignore_errors=True)
@@ -158,16 +167,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/unikd_teacher_cache_bench"))
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--setups", default="fmnist,cifar-fake")
+    parser.add_argument("--setups", default="fmnist,cifar-fake", help=f"comma-separated, from: {', '.join(SETUPS)}")
     parser.add_argument("--bench-overrides", nargs="*", default=["train.epochs=1", "data.train_subset=10000"])
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--device", default="cpu", help="train.device of (a): cpu or cuda")
+    parser.add_argument("--amp", default="none", help="train.amp of (a): none, bf16 or fp16")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_before": os.getloadavg()}
     report["epoch"] = {}
     for name in args.setups.split(","):
-        report["epoch"][name] = result = measure_setup(name, args.out / "epoch", args.rounds)
+        device = [f"train.device={args.device}", f"train.amp={args.amp}"]
+        report["epoch"][name] = result = measure_setup(name, args.out / "epoch", args.rounds, device)
         print(
             f"\n(a) {name}: {result['setup']}; {args.rounds} rounds; cache {result['cache_mb_per_epoch']:.2f} MB/epoch"
         )
