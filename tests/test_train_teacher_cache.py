@@ -192,3 +192,26 @@ def test_verify_recomputes_cached_batches_and_fails_on_a_difference(setup, tmp_p
     with pytest.raises(unikd.train.UnikdError, match=r"differ from the live teacher's by up to 0\.5 \(8 of 8 rows"):
         train(tiny_config(tmp_path / "run", *keys, "method.name=kd", f"train.teacher_cache={cache}",
                           "train.teacher_cache_verify=1"))  # fmt: skip
+
+
+def test_a_run_resumed_with_the_cache_turned_on_reads_it_and_trains_the_same_student(setup, tmp_path, monkeypatch):
+    root, keys, _ = setup
+    real = unikd.train.forward_student
+    calls = []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unikd.train, "forward_student", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "run", *keys, "method.name=kd"))  # the live teacher, no cache
+    monkeypatch.undo()
+    forbid_teacher(monkeypatch)  # resumed: the top-1 is in the checkpoint, the logits in the cache
+    train(tiny_config(tmp_path / "run", *keys, "method.name=kd", f"train.teacher_cache={root / 'cache'}"), resume=True)
+    header, *epochs = (r for r in cache_records(tmp_path / "run") if r["step"] >= 3)
+    assert header["resumed"] and header["epochs_cached"] == 2
+    assert [(r["hits"], r["misses"]) for r in epochs] == [(1, 0), (4, 0)]
+    assert same(weights(tmp_path / "run"), weights(root / "kd-cold"))

@@ -335,9 +335,9 @@ def _set_up(cfg: Config, resume: bool, output_dir: Path, dist_info: DistInfo, de
     )  # fmt: skip
     if checkpoint is not None:
         _restore(run, checkpoint)
+    run.resumed, run.safe_changes = checkpoint is not None, safe_changes
     if cache_wanted:
         _open_teacher_cache(run, models.teacher_state)
-    run.resumed, run.safe_changes = checkpoint is not None, safe_changes
     _wrap_model(run, trainable)
 
     # Training randomness (dropout, augmentations drawn in this process) starts from the seed after everything is
@@ -529,7 +529,7 @@ def _open_teacher_cache(run: _Run, teacher_state: dict | None) -> None:
         "used": True, "entry": str(cache.entry_dir), "dtype": cache.dtype,
         "epoch_mb": epoch_bytes(rows_per_epoch, per_rank, bundle.num_classes, cache.dtype) / 1e6,
         "epochs_cached": complete, "epochs": len(epochs), "teacher_top1_cached": scores is not None,
-        "reason": reason, "verify": train_cfg.teacher_cache_verify,
+        "resumed": run.resumed, "reason": reason, "verify": train_cfg.teacher_cache_verify,
     }  # fmt: skip
     if scores is not None and not run.resumed:
         run.metrics["teacher_top1"] = scores["top1"]
@@ -631,7 +631,8 @@ def _cache_line(info: dict, root: str) -> str:
         return f"{root} not used ({info['reason']})"
     line = f"{info['entry']} ({info['dtype']}, {info['epoch_mb']:.1f} MB an epoch): "
     line += f"{info['epochs_cached']} of {info['epochs']} epochs cached"
-    if info["epochs_cached"] == info["epochs"] and info["teacher_top1_cached"] and not info["verify"]:
+    top1_known = info["teacher_top1_cached"] or info["resumed"]  # a resume reads it from the checkpoint
+    if info["epochs_cached"] == info["epochs"] and top1_known and not info["verify"]:
         line += ", the teacher is not built"
     elif info["reason"]:
         line += f"; the teacher computes the rest ({info['reason']})"
