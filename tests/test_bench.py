@@ -159,7 +159,8 @@ def test_bars_start_at_zero_and_show_error_bars_only_over_several_seeds(seeds):
     import matplotlib.pyplot as plt
 
     runs = [_run(m, s, 85.0 + s + (m == "uskd"), 10.0) for m in ("baseline", "uskd") for s in range(seeds)]
-    figure = bar_chart(summarize(runs, ["baseline", "uskd"]))
+    summary = summarize(runs, ["baseline", "uskd"])
+    figure = bar_chart([(row["method"], *row["last_top1"], len(row["seeds"])) for row in summary], "top-1 (%)")
     axis = figure.axes[0]
     assert axis.get_ylim()[0] == 0
     error_bars = [c for c in axis.containers if type(c).__name__ == "ErrorbarContainer"]

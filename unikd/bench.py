@@ -737,7 +737,13 @@ def plot_results(
     figure.savefig(out_dir / "curves.png", dpi=100)
     plt.close(figure)
 
-    figure = sweep_chart(summary, grid) if grid else bar_chart(summary)
+    figure = (
+        sweep_chart(summary, grid)
+        if grid
+        else bar_chart(
+            [(row["method"], *row["last_top1"], len(row["seeds"])) for row in summary], "last-epoch top-1 (%)"
+        )
+    )
     figure.savefig(out_dir / ("sweep.png" if grid else "bars.png"), dpi=100)
     plt.close(figure)
 
@@ -813,22 +819,22 @@ def sweep_chart(summary: list[dict], grid: dict[str, list[str]]):
     return figure
 
 
-def bar_chart(summary: list[dict]):
-    """The ``bars.png`` figure: last-epoch top-1 per method on an axis from 0 (a cut axis exaggerates differences),
-    with +- std error bars only when every method has several seeds (one seed has no spread to show)."""
+def bar_chart(bars: list[tuple[str, float, float, int]], metric: str):
+    """A ``bars.png`` figure: one bar per ``(label, mean, std, number of seeds)``, ``metric`` (e.g. "last-epoch top-1
+    (%)") on an axis from 0 (a cut axis exaggerates differences), with +- std error bars only when every bar has
+    several seeds (one seed has no spread to show). Both benches draw their bars with it."""
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    names = [row["method"] for row in summary]
-    means = [row["last_top1"][0] for row in summary]
-    several = all(len(row["seeds"]) > 1 for row in summary)
-    errors = [row["last_top1"][1] for row in summary] if several else None
-    bars = axis.bar(names, means, yerr=errors, capsize=4 if several else 0, color="tab:blue", alpha=0.8)
-    axis.bar_label(bars, fmt="%.2f", fontsize=8)
-    axis.set_ylim(0, min(100.0, max(means) * 1.1 + 1.0))
-    seeds = len(summary[0]["seeds"]) if summary else 0
+    names, means = [bar[0] for bar in bars], [bar[1] for bar in bars]
+    several = bool(bars) and all(bar[3] > 1 for bar in bars)
+    errors = [bar[2] for bar in bars] if several else None
+    drawn = axis.bar(names, means, yerr=errors, capsize=4 if several else 0, color="tab:blue", alpha=0.8)
+    axis.bar_label(drawn, fmt="%.2f", fontsize=8)
+    axis.set_ylim(0, min(100.0, max(means, default=0.0) * 1.1 + 1.0))
+    seeds = bars[0][3] if bars else 0
     spread = "mean +- std over seeds" if several else f"{seeds} seed{'s' if seeds != 1 else ''}, no spread shown"
-    axis.set_ylabel(f"last-epoch top-1 (%), {spread}")
+    axis.set_ylabel(f"{metric}, {spread}")
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     return figure
