@@ -234,8 +234,9 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_detector_is_one_line(tmp_path
     with pytest.raises(UnikdError) as error:
         evaluate_detection_checkpoint(tmp_path / "edited.pt", ["train.device=cpu"])
     assert str(error.value).startswith(
-        f"{tmp_path / 'edited.pt'}: its weights do not fit its model_name faster_rcnn/timm/resnet18 with 10 classes "
-        '(Missing key(s) in state_dict: "roi_heads.box_predictor.cls_score.bias"'
+        f"{tmp_path / 'edited.pt'} (weights for model_name faster_rcnn/timm/resnet18 with 10 classes) does not fit "
+        "the model: missing entries (1): roi_heads.box_predictor.cls_score.bias; the file was edited or mixes two "
+        "models"
     )
 
 

@@ -577,8 +577,8 @@ CASES = [
     Case(
         "weights-do-not-match-model-name",
         ["eval", "{ckpt}", "data.val_subset=8"],
-        r"{ckpt}: its weights do not fit its model_name cifar/resnet8 with 10 classes \(Missing key\(s\) in "
-        r"state_dict: .*\); the file was edited or mixes two models",
+        r"{ckpt} \(weights for model_name cifar/resnet8 with 10 classes\) does not fit the model: missing entries "
+        r"\(\d+\): .*; the file was edited or mixes two models",
         _checkpoint_of_another_model,
         regex=True,
     ),

@@ -34,6 +34,7 @@ from torch import nn
 
 from unikd._errors import UnikdError
 from unikd._serialization import safe_torch_load
+from unikd.models import ModelError, load_exactly
 
 CHECKPOINT_FORMAT = "unikd-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -118,17 +119,13 @@ def load_checkpoint(path: str | os.PathLike, required: Iterable[str] = MODEL_ENT
 
 
 def load_student_weights(model: nn.Module, checkpoint: dict, source: str | os.PathLike) -> None:
-    """Load ``checkpoint["model"]`` into ``model`` (strict); a one-line ``UnikdError`` when the weights do not fit."""
+    """Load ``checkpoint["model"]`` into ``model`` exactly (``unikd.models.load_exactly``); a one-line ``UnikdError``
+    listing every missing, unexpected and mis-shaped entry when the weights do not fit."""
+    described = f"{source} (weights for model_name {checkpoint['model_name']} with {checkpoint['num_classes']} classes)"
     try:
-        model.load_state_dict(checkpoint["model"], strict=True)
-    except RuntimeError as error:
-        details = " ".join(str(error).split()).split(": ", 1)[-1]  # torch's lines, after "Error(s) in loading ...:"
-        if len(details) > 400:
-            details = details[:400] + " ..."
-        raise UnikdError(
-            f"{source}: its weights do not fit its model_name {checkpoint['model_name']} with "
-            f"{checkpoint['num_classes']} classes ({details}); the file was edited or mixes two models"
-        ) from None
+        load_exactly(model, checkpoint["model"], described)
+    except ModelError as error:
+        raise UnikdError(f"{error}; the file was edited or mixes two models") from None
 
 
 def non_finite_entries(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
