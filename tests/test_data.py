@@ -285,6 +285,16 @@ def test_imagefolder_transforms(imagefolder_root):
     assert bundle.train[0][0].shape == (3, 32, 32)
 
 
+def test_randaugment_can_posterize_to_zero_bits():
+    # timm's 'inc1' RandAugment (the DeiT/Swin recipes) posterizes to 0 bits at magnitude 10, which mstd0.5 reaches
+    # for about 1 image in 600; Pillow 13 refuses 0 bits (ValueError mid-epoch), hence pyproject's pillow<13.
+    from timm.data.auto_augment import _posterize_increasing_level_to_arg, posterize
+
+    assert _posterize_increasing_level_to_arg(10, {}) == (0,)
+    image = Image.new("RGB", (4, 4), (200, 100, 50))
+    assert posterize(image, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
 def test_the_eval_resize_is_the_configs(imagefolder_root, tmp_path):
     resize, center = _steps(build_transform(DataConfig(name="imagefolder"), train=False))[:2]
     assert resize.interpolation == v2.InterpolationMode.BILINEAR  # "auto" unresolved (no model): bilinear
