@@ -16,6 +16,12 @@ steps above the RSS before them (after one untimed step) is reported; it is appr
 blocks cached by malloc) but repeatable to about 0.2 MiB.
 
     python benchmarks/overhead.py --device cpu --steps 20 --batch-size 16 --models cifar,vit
+    python benchmarks/overhead.py --device cuda --models resnet18-224,deit-tiny-224 --amp bf16
+
+The ``resnet18-224`` and ``deit-tiny-224`` setups are the paper's ImageNet case: timm's ResNet-18 and DeiT-Tiny at
+224x224 with 1000 classes, USKD against plain CE. ``--amp bf16|fp16`` runs the forward passes and the loss under
+``torch.autocast`` (fp16 with a GradScaler, CUDA only), as ``train.amp`` does in training. ``--img-size`` overrides
+every chosen setup's image size (the ViT's ``img_size`` with it), e.g. to try a setup small on a CPU.
 """
 
 from __future__ import annotations
@@ -26,14 +32,15 @@ import os
 import resource
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from unikd.methods import create_method, forward_student
 from unikd.models import create_model, feature_dim
 
-NUM_CLASSES = 100
+NUM_CLASSES = 100  # the default; the 224-pixel setups use 1000
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,12 @@ class ModelSetup:
     image_size: int
     model_kwargs: dict
     pairs: tuple[tuple[Variant, Variant], ...]  # (reference, candidate)
+    num_classes: int = NUM_CLASSES
+
+    def resized(self, image_size: int) -> ModelSetup:
+        """The same setup at another image size (a ViT's ``img_size`` follows; CNNs pool globally)."""
+        kwargs = {**self.model_kwargs, "img_size": image_size} if "img_size" in self.model_kwargs else self.model_kwargs
+        return replace(self, image_size=image_size, model_kwargs=kwargs)
 
 
 SETUPS = {
@@ -77,37 +90,56 @@ SETUPS = {
             ),
         ),
     ),
+    "resnet18-224": ModelSetup(
+        image_size=224,
+        model_kwargs={},
+        pairs=((Variant("baseline", "timm/resnet18"), Variant("uskd", "timm/resnet18")),),
+        num_classes=1000,
+    ),
+    "deit-tiny-224": ModelSetup(
+        image_size=224,
+        model_kwargs={"img_size": 224},
+        pairs=((Variant("baseline", "timm/deit_tiny_patch16_224"), Variant("uskd", "timm/deit_tiny_patch16_224")),),
+        num_classes=1000,
+    ),
 }
 
 
 class Trainer:
     """One variant's student, method, teacher and optimizer, with a fixed random batch."""
 
-    def __init__(self, variant: Variant, setup: ModelSetup, batch_size: int, device: torch.device) -> None:
+    def __init__(
+        self, variant: Variant, setup: ModelSetup, batch_size: int, device: torch.device, amp: str | None = None
+    ) -> None:
         torch.manual_seed(0)
-        self.student = create_model(variant.student, NUM_CLASSES, **setup.model_kwargs).to(device).train()
+        classes = setup.num_classes
+        self.student = create_model(variant.student, classes, **setup.model_kwargs).to(device).train()
         self.method = create_method(
-            variant.method, NUM_CLASSES, feature_dim=feature_dim(self.student) if variant.method == "uskd" else None
+            variant.method, classes, feature_dim=feature_dim(self.student) if variant.method == "uskd" else None
         ).to(device)
         self.teacher = None
         if variant.teacher:
-            self.teacher = create_model(variant.teacher, NUM_CLASSES, **setup.model_kwargs).to(device).eval()
+            self.teacher = create_model(variant.teacher, classes, **setup.model_kwargs).to(device).eval()
             self.teacher.requires_grad_(False)
         parameters = [*self.student.parameters(), *self.method.parameters()]
         self.optimizer = torch.optim.SGD(parameters, lr=0.01, momentum=0.9)
         self.images = torch.randn(batch_size, 3, setup.image_size, setup.image_size, device=device)
-        self.targets = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+        self.targets = torch.randint(0, classes, (batch_size,), device=device)
+        self.device_type, self.amp_dtype = device.type, AMP_DTYPES[amp] if amp else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     def step(self) -> None:
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(self.images)
-        out = forward_student(self.student, self.images, self.method.student_output)
-        loss = sum(self.method(out, self.targets, teacher_logits, progress=1.0).values())
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(self.images)
+            out = forward_student(self.student, self.images, self.method.student_output)
+            loss = sum(self.method(out, self.targets, teacher_logits, progress=1.0).values())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
 
 def _sync(device: torch.device) -> None:
@@ -154,14 +186,16 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def cpu_peak_rss_delta(variant: Variant, setup_name: str, batch_size: int, steps: int = 2) -> int:
+def cpu_peak_rss_delta(
+    variant: Variant, setup: ModelSetup, batch_size: int, amp: str | None = None, steps: int = 2
+) -> int:
     """Peak RSS during ``steps`` steps above the RSS before them; run in a fresh process.
 
     One step runs first, so that gradients, optimizer state and the code pages of the kernels used are already
     resident: like the CUDA figure, the delta is the memory a step needs on top of the trained state.
     """
     torch.set_num_threads(1)  # the probe only measures memory; leave the cores to the timing
-    trainer = Trainer(variant, SETUPS[setup_name], batch_size, torch.device("cpu"))
+    trainer = Trainer(variant, setup, batch_size, torch.device("cpu"), amp)
     trainer.step()
     before = _rss_bytes()
     _reset_peak_rss()
@@ -170,7 +204,9 @@ def cpu_peak_rss_delta(variant: Variant, setup_name: str, batch_size: int, steps
     return _peak_rss_bytes() - before
 
 
-def cpu_peak_rss_delta_in_fresh_process(variant: Variant, setup_name: str, batch_size: int) -> int:
+def cpu_peak_rss_delta_in_fresh_process(
+    variant: Variant, setup: ModelSetup, batch_size: int, amp: str | None = None
+) -> int:
     """:func:`cpu_peak_rss_delta` in a new process whose malloc returns every block of 64 KiB or more to the system
     when freed (a fixed mmap threshold), so that the RSS follows the live tensors instead of glibc's cached heap."""
     context = multiprocessing.get_context("spawn")
@@ -178,7 +214,7 @@ def cpu_peak_rss_delta_in_fresh_process(variant: Variant, setup_name: str, batch
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # read by the child's glibc at start-up
     try:
         with context.Pool(1) as pool:
-            return pool.apply(cpu_peak_rss_delta, (variant, setup_name, batch_size))
+            return pool.apply(cpu_peak_rss_delta, (variant, setup, batch_size, amp))
     finally:
         if saved is None:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
@@ -202,7 +238,9 @@ def measure_pair(
 ) -> list[str]:
     """Time the two variants of ``pair`` step by step in alternating order; return the table rows."""
     setup = SETUPS[setup_name]
-    trainers = [Trainer(variant, setup, args.batch_size, device) for variant in pair]
+    if args.img_size is not None:
+        setup = setup.resized(args.img_size)
+    trainers = [Trainer(variant, setup, args.batch_size, device, args.amp) for variant in pair]
     for trainer in trainers:
         for _ in range(args.warmup):
             trainer.step()
@@ -211,15 +249,16 @@ def measure_pair(
         for i in (0, 1) if round_index % 2 == 0 else (1, 0):
             timings[i].record_step(trainers[i], device)
     peaks = [timing.peak_bytes for timing in timings]
-    if device.type == "cpu":
-        peaks = [cpu_peak_rss_delta_in_fresh_process(variant, setup_name, args.batch_size) for variant in pair]
+    if device.type == "cpu" and args.cpu_memory:
+        peaks = [cpu_peak_rss_delta_in_fresh_process(variant, setup, args.batch_size, args.amp) for variant in pair]
 
     rows = []
     for variant, timing, peak in zip(pair, timings, peaks):
         q1, median, q3 = (1e3 * value for value in quartiles(timing.wall))
         cpu = f"{1e3 * statistics.median(timing.cpu):.1f}" if device.type == "cpu" else "-"
         rows.append(
-            f"| {setup_name} | {variant.label} | {median:.1f} ({q1:.1f}..{q3:.1f}) | {cpu} | {peak / 2**20:.1f} |"
+            f"| {setup_name} | {variant.label} | {median:.1f} ({q1:.1f}..{q3:.1f}) | {cpu} | "
+            f"{f'{peak / 2**20:.1f}' if peak or device.type == 'cuda' or args.cpu_memory else '-'} |"
         )
     reference, candidate = timings
     cpu_ratio = _ratio_cell(reference.cpu, candidate.cpu) if device.type == "cpu" else "-"
@@ -231,7 +270,7 @@ def measure_pair(
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (after the warm-up)")
@@ -241,7 +280,17 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: torch's); 1 keeps CPU time exact when shared"
     )
-    args = parser.parse_args()
+    parser.add_argument("--img-size", type=int, default=None, help="override every chosen setup's image size")
+    parser.add_argument(
+        "--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast the step (default: float32; fp16: CUDA only)"
+    )
+    parser.add_argument(
+        "--no-cpu-memory",
+        dest="cpu_memory",
+        action="store_false",
+        help="on CPU, skip the peak-RSS probe (one fresh process per variant); the memory column then reads -",
+    )
+    args = parser.parse_args(argv)
     names = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in names if name not in SETUPS]
     if unknown:
@@ -249,6 +298,8 @@ def main() -> None:
     if args.steps < 2:
         parser.error("--steps: need at least 2 timed steps for quartiles")
     device = torch.device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        parser.error("--amp: 'fp16' needs CUDA (its GradScaler); on CPU use --amp bf16")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -259,7 +310,11 @@ def main() -> None:
     )
     memory = "peak allocated above resident, per step" if device.type == "cuda" else "peak RSS delta, approximate"
     print(f"# step overhead on {where}; batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"# torch {torch.__version__}, {NUM_CLASSES} classes, SGD; teacher forward included for kd and nkd\n")
+    classes = ", ".join(f"{name} {SETUPS[name].num_classes}" for name in names)
+    precision = f"autocast {args.amp}" if args.amp else "float32"
+    sizes = f"; image size {args.img_size} (override)" if args.img_size is not None else ""
+    print(f"# torch {torch.__version__}, classes: {classes}; {precision}{sizes}; SGD", end="")
+    print("; teacher forward included for kd and nkd\n")
     print(f"| model | variant | wall ms/step, median (IQR) | CPU ms/step, median | memory MiB ({memory}) |")
     print("| --- | --- | --- | --- | --- |")
     for name in names:

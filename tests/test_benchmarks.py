@@ -140,3 +140,37 @@ def test_loss_speed_released_uskd_without_cuda(loss_speed, released_checkouts, c
     )
     out = capsys.readouterr().out
     assert "| uskd | - | - | - | released USKDLoss could not be built here: no CUDA | - |" in out
+
+
+def test_overhead_224_setups_with_amp(overhead, capsys):
+    argv = ["--device", "cpu", "--models", "resnet18-224,deit-tiny-224", "--amp", "bf16", "--img-size", "32"]
+    overhead.main([*argv, "--steps", "2", "--warmup", "1", "--batch-size", "2", "--no-cpu-memory"])
+    out = capsys.readouterr().out
+    assert "classes: resnet18-224 1000, deit-tiny-224 1000; autocast bf16; image size 32 (override)" in out
+    for setup, student in (("resnet18-224", "timm/resnet18"), ("deit-tiny-224", "timm/deit_tiny_patch16_224")):
+        assert f"| {setup} | baseline ({student}) | " in out and f"| {setup} | uskd ({student}) | " in out
+        ratio_line = next(line for line in out.splitlines() if line.startswith(f"| {setup} | uskd vs baseline | **"))
+        assert ratio_line.endswith("| - |")  # no memory probe asked for
+
+
+def test_overhead_setups_at_their_sizes(overhead):
+    assert overhead.SETUPS["resnet18-224"].image_size == overhead.SETUPS["deit-tiny-224"].image_size == 224
+    assert overhead.SETUPS["deit-tiny-224"].resized(32).model_kwargs == {"img_size": 32}
+    assert overhead.SETUPS["cifar"].num_classes == 100  # the existing setups keep their 100 classes
+
+
+def test_overhead_amp_trainer_step(overhead):
+    setup = overhead.SETUPS["deit-tiny-224"].resized(32)
+    trainer = overhead.Trainer(
+        overhead.Variant("uskd", "timm/deit_tiny_patch16_224"), setup, 2, overhead.torch.device("cpu"), "bf16"
+    )
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    trainer.step()
+    assert any(not overhead.torch.equal(b, p) for b, p in zip(before, trainer.student.parameters()))
+    assert all(p.dtype == overhead.torch.float32 for p in trainer.student.parameters())
+
+
+def test_overhead_fp16_needs_cuda(overhead, capsys):
+    with pytest.raises(SystemExit):
+        overhead.main(["--device", "cpu", "--amp", "fp16"])
+    assert "--amp: 'fp16' needs CUDA (its GradScaler); on CPU use --amp bf16" in capsys.readouterr().err
