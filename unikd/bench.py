@@ -155,8 +155,10 @@ PROFILES: dict[str, Profile] = {
         "4 epochs on a fixed 20k-image subset, 3 paired seeds.",
         configs={
             "baseline": "configs/fmnist_baseline.yaml",
-            **{f"uskd[rank={rank}]": "configs/fmnist_uskd.yaml" for rank in ("weak", "final", "sum", "paper")},
-            "uskd[rank=released]": "configs/fmnist_uskd.yaml",
+            **{
+                f"uskd[rank={rank}]": "configs/fmnist_uskd.yaml"
+                for rank in ("weak", "final", "sum", "paper", "released")
+            },
         },
         seeds=(0, 1, 2),
         overrides=_FMNIST_CPU,
